@@ -1,0 +1,159 @@
+"""`python -m engine VERB ... [--json]`: the command-line face of the engine (see docs/architecture.md).
+
+Every verb takes --json and then prints exactly one JSON object on stdout. On bad input the exit status is 2 and the
+output is {"error": "<one clear sentence>"} (without --json: `error: <sentence>` on stderr). No traceback reaches a
+user: unexpected failures are reported as one sentence too (exit status 1), with the detail only under --debug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting, so --json stays one JSON object."""
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        raise UserError(f"Invalid arguments: {message}.")
+
+
+# --------------------------------------------------------------------------------------------------------- verbs
+
+def cmd_info(args) -> dict:
+    import platform
+
+    import torch
+
+    from engine import LABELS
+    from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ
+
+    out = {
+        "engine": "ct-workstation",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "labels": list(LABELS),
+        "conventions": {"array_axes": "(z, y, x)", "spacing_order": "(x, y, z) mm", "orientation": "LPS",
+                        "intensity": "HU"},
+        "demo_grid": {"shape": list(reversed(DEMO_SHAPE_ZYX)), "spacing": list(DEMO_SPACING_XYZ)},
+    }
+    out.update(_models_info())
+    return out
+
+
+def _models_info() -> dict:
+    """What trained models the engine has (filled in as the flows land); never fails."""
+    try:
+        from engine import pipelines  # noqa: F401  (added by later issues)
+        return pipelines.models_info()
+    except Exception:  # the trunk may not be installed yet: report no models rather than fail `info`
+        return {"models": {}}
+
+
+def cmd_inspect(args) -> dict:
+    from engine.volume import inspect_ct, read_ct
+
+    return inspect_ct(read_ct(args.ct))
+
+
+def cmd_phantom(args) -> dict:
+    from engine.labels import check_labels, label_dict
+
+    try:
+        labels = check_labels(args.labels.split(",")) if args.labels is not None else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    out = Path(args.out)
+    if not out.name.endswith((".nii.gz", ".nii")):
+        raise UserError(f"The output file must end in .nii.gz or .nii, not {out.name!r}.")
+    if not out.parent.exists():
+        raise UserError(f"The output folder {str(out.parent)!r} does not exist.")
+    from engine.phantom import make_study
+    from engine.volume import write_nifti
+
+    study = make_study(args.seed, labels=labels)
+    write_nifti(study.volume, out)
+    return {
+        "path": str(out),
+        "labels": label_dict(study.labels),
+        "report": study.report.text,
+        "findings": [f.to_json() for f in study.findings],
+        "seed": args.seed,
+        "shape": list(study.volume.shape_xyz),
+        "spacing": [round(s, 6) for s in study.volume.spacing],
+    }
+
+
+VERBS = {
+    "info": cmd_info,
+    "inspect": cmd_inspect,
+    "phantom": cmd_phantom,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m engine", description="Chest-CT engine: I/O, phantom, CT CLIP and its flows.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of unexpected errors")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    def verb(name, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return p
+
+    verb("info", "versions, conventions and the models the engine has")
+    p = verb("inspect", "describe a CT (shape, spacing, orientation, HU range, chest CT or not)")
+    p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip or one .dcm slice")
+    p = verb("phantom", "write one digital chest phantom study (NIfTI) with its CT-RATE-style report")
+    p.add_argument("--labels", default=None,
+                   help='comma-separated CT-RATE labels, e.g. "Pleural effusion,Cardiomegaly"; "" for a normal '
+                        "study; omitted: sampled from CT-RATE's label table")
+    p.add_argument("--seed", type=int, default=0, help="the phantom's seed (anatomy, finding sites, noise)")
+    p.add_argument("--out", required=True, help="output .nii.gz")
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        print(f"{key}: {value}")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    debug = "--debug" in argv
+    started = time.perf_counter()
+    try:
+        args = build_parser().parse_args(argv)
+        result = VERBS[args.verb](args)
+        if "elapsed_s" in result and result["elapsed_s"] is None:
+            result["elapsed_s"] = round(time.perf_counter() - started, 4)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            _print_human(result)
+        return 0
+    except UserError as err:
+        return _fail(str(err), 2, as_json)
+    except KeyboardInterrupt:
+        return _fail("Interrupted.", 130, as_json)
+    except Exception as err:  # a bug, not bad input: still one sentence for the user
+        if debug:
+            raise
+        return _fail(f"Internal error ({type(err).__name__}); rerun with --debug for details.", 1, as_json)
+
+
+def _fail(message: str, status: int, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": message}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return status
