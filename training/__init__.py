@@ -1,0 +1,1 @@
+"""Training and evaluation code: datasets, trainers and the papers' metrics. Imports engine, never app."""
