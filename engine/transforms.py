@@ -1,0 +1,217 @@
+"""Named, composable CT preprocessing steps (the MONAI way: small callables Volume -> Volume, chained by `Compose`).
+
+Every step takes a `Volume` (array (z, y, x), spacing/origin (x, y, z) mm, LPS) and returns a new one; the geometry is
+kept right at every step (resampling and crop/pad move the origin so each voxel keeps its place in the patient), so a
+preprocessed volume can still be written with `write_nifti` and overlaid on the original.
+
+Presets (`Preprocessing`) say, for each model, the grid and intensity mapping it was trained with:
+- CTCLIP (CT-CLIP, the reference code): resample to (x, y, z) = (0.75, 0.75, 1.5) mm, clip [-1000, 1000] HU,
+  divide by 1000, centre crop/pad to (z, y, x) = 240 x 480 x 480 with -1 (= -1000 HU) -> tensor (1, 240, 480, 480).
+- TEXT2CT (Text2CT's code): orient RAS, clip [-1000, 1000] HU, resample to (0.75, 0.75, 3.0) mm, scale to [0, 1]
+  ((HU + 1000) / 2000), then 128 x 512 x 512. The reference RESIZES the resampled volume to that shape trilinearly,
+  which changes each axis' spacing by a different factor (distorting the anatomy unless the field of view happens to
+  be 384 x 384 x 384 mm); we centre crop/pad instead (`fit="crop_or_pad"`, the spacing stays exact, as the paper
+  describes), and offer `fit="resize"` to reproduce the reference code.
+- DEMO: the embedded small models' grid, DEMO_SPACING_XYZ / DEMO_SHAPE_ZYX of engine.volume, clip [-1000, 1000] HU,
+  divide by 1000, pad -1.
+Resampling is SimpleITK's linear interpolation (no anti-aliasing, like the references' trilinear
+F.interpolate), with -1000 HU (air) outside the original volume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume, volume_to_image
+
+AIR_HU = -1000.0
+
+
+# ------------------------------------------------------------------------------------------------------ resampling
+
+def _resample(volume: Volume, size_xyz, spacing_xyz, origin_xyz, default_value: float = AIR_HU) -> Volume:
+    """Linear resampling of `volume` onto the grid (size, spacing, origin) with the volume's own direction."""
+    image = volume_to_image(volume, np.float32)
+    out = sitk.Resample(image, [int(n) for n in size_xyz], sitk.Transform(), sitk.sitkLinear,
+                        [float(o) for o in origin_xyz], [float(s) for s in spacing_xyz], image.GetDirection(),
+                        float(default_value), sitk.sitkFloat32)
+    return replace(volume, array=sitk.GetArrayFromImage(out), spacing=tuple(out.GetSpacing()),
+                   origin=tuple(out.GetOrigin()), warnings=list(volume.warnings))
+
+
+def _centre(volume: Volume) -> np.ndarray:
+    """Physical position (x, y, z) mm of the volume's centre."""
+    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    half = (np.asarray(volume.shape_xyz, dtype=float) - 1) / 2 * np.asarray(volume.spacing, dtype=float)
+    return np.asarray(volume.origin, dtype=float) + direction @ half
+
+
+def _origin_for_centre(centre, shape_xyz, spacing_xyz, direction) -> np.ndarray:
+    half = (np.asarray(shape_xyz, dtype=float) - 1) / 2 * np.asarray(spacing_xyz, dtype=float)
+    return np.asarray(centre, dtype=float) - np.asarray(direction, dtype=float).reshape(3, 3) @ half
+
+
+def resample_to_grid(volume: Volume, shape_zyx, spacing_xyz, default_value: float = AIR_HU) -> Volume:
+    """Resample onto a grid of `shape_zyx` voxels at `spacing_xyz` mm whose centre is the volume's centre.
+
+    One linear resampling (cheaper than resample + crop/pad; the same up to sub-voxel centring). Outside the original
+    volume the value is `default_value` (-1000 HU, air).
+    """
+    shape_xyz = tuple(int(n) for n in reversed(tuple(shape_zyx)))
+    origin = _origin_for_centre(_centre(volume), shape_xyz, spacing_xyz, volume.direction)
+    return _resample(volume, shape_xyz, spacing_xyz, origin, default_value)
+
+
+@dataclass(frozen=True)
+class ResampleToSpacing:
+    """Resample to `spacing_xyz` mm (linear), keeping the physical extent: size = round(extent / spacing), centred."""
+    spacing_xyz: tuple[float, float, float]
+    default_value: float = AIR_HU
+
+    def __call__(self, volume: Volume) -> Volume:
+        extent = np.asarray(volume.shape_xyz, dtype=float) * np.asarray(volume.spacing, dtype=float)
+        shape_xyz = np.maximum(1, np.rint(extent / np.asarray(self.spacing_xyz, dtype=float))).astype(int)
+        return resample_to_grid(volume, tuple(reversed(shape_xyz)), self.spacing_xyz, self.default_value)
+
+
+@dataclass(frozen=True)
+class ResizeToShape:
+    """Resample to exactly `shape_zyx` voxels covering the same extent (changes the spacing: distorts the aspect when
+    the ratios differ). Only for reproducing references that resize (Text2CT); prefer ResampleToSpacing + crop/pad."""
+    shape_zyx: tuple[int, int, int]
+    default_value: float = AIR_HU
+
+    def __call__(self, volume: Volume) -> Volume:
+        extent = np.asarray(volume.shape_xyz, dtype=float) * np.asarray(volume.spacing, dtype=float)
+        spacing_xyz = tuple(extent / np.asarray(tuple(reversed(self.shape_zyx)), dtype=float))
+        return resample_to_grid(volume, self.shape_zyx, spacing_xyz, self.default_value)
+
+
+# -------------------------------------------------------------------------------------------------- crop and pad
+
+@dataclass(frozen=True)
+class CenterCropOrPad:
+    """Centre crop and/or pad the array to `shape_zyx` voxels with `pad_value` (in the volume's current units:
+    -1000 for HU, -1 after ScaleHU to [-1, 1]). The origin moves so voxels keep their physical position.
+    Where the difference is odd, the extra voxel is cropped from / padded at the high-index end (numpy/MONAI way)."""
+    shape_zyx: tuple[int, int, int]
+    pad_value: float = AIR_HU
+
+    def __call__(self, volume: Volume) -> Volume:
+        array = volume.array
+        out = np.full(tuple(self.shape_zyx), self.pad_value, dtype=np.float32)
+        src, dst, shift_zyx = [], [], []
+        for have, want in zip(array.shape, self.shape_zyx):
+            start = (have - want) // 2 if have >= want else -((want - have) // 2)  # first source index in the output
+            lo, hi = max(start, 0), min(start + want, have)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+            shift_zyx.append(start)
+        out[tuple(dst)] = array[tuple(src)]
+        direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+        shift_mm = np.asarray(shift_zyx[::-1], dtype=float) * np.asarray(volume.spacing, dtype=float)
+        origin = tuple(float(o) for o in np.asarray(volume.origin, dtype=float) + direction @ shift_mm)
+        return replace(volume, array=out, origin=origin, warnings=list(volume.warnings))
+
+
+# ------------------------------------------------------------------------------------------------------ intensity
+
+@dataclass(frozen=True)
+class ClipHU:
+    """Clip values to [lo, hi] HU."""
+    lo: float = -1000.0
+    hi: float = 1000.0
+
+    def __call__(self, volume: Volume) -> Volume:
+        return replace(volume, array=np.clip(volume.array, self.lo, self.hi).astype(np.float32),
+                       warnings=list(volume.warnings))
+
+
+@dataclass(frozen=True)
+class ScaleHU:
+    """Map [hu_lo, hu_hi] linearly onto [out_lo, out_hi] (MONAI's ScaleIntensityRange, no clipping).
+    CT-CLIP: (-1000, 1000) -> (-1, 1), i.e. HU / 1000; Text2CT: (-1000, 1000) -> (0, 1). The result is not HU."""
+    hu_lo: float = -1000.0
+    hu_hi: float = 1000.0
+    out_lo: float = -1.0
+    out_hi: float = 1.0
+
+    def __call__(self, volume: Volume) -> Volume:
+        unit = (volume.array - np.float32(self.hu_lo)) / np.float32(self.hu_hi - self.hu_lo)    # [0, 1]
+        array = unit * np.float32(self.out_hi - self.out_lo) + np.float32(self.out_lo)
+        return replace(volume, array=array.astype(np.float32), is_hu=False, warnings=list(volume.warnings))
+
+
+class Compose:
+    """Apply steps in order: Compose([ResampleToSpacing(...), ClipHU(...), ...])(volume)."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def __call__(self, volume: Volume) -> Volume:
+        for step in self.steps:
+            volume = step(volume)
+        return volume
+
+    def __repr__(self) -> str:
+        return "Compose([\n" + "".join(f"    {step!r},\n" for step in self.steps) + "])"
+
+
+# --------------------------------------------------------------------------------------------------------- presets
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its CT: grid (spacing (x, y, z) mm, shape (z, y, x)), HU window, output range, pad value
+    (in output units), the array orientation handed to the model, and how the shape is reached."""
+    name: str
+    spacing_xyz: tuple[float, float, float]
+    shape_zyx: tuple[int, int, int]
+    clip_hu: tuple[float, float] = (-1000.0, 1000.0)
+    out_range: tuple[float, float] = (-1.0, 1.0)
+    orientation: str = "LPS"          # "RAS" flips the y and x axes of the tensor (Text2CT's reference orients RAS)
+    fit: str = "crop_or_pad"          # or "resize" (the Text2CT reference's distorting trilinear resize)
+
+    @property
+    def pad_value(self) -> float:
+        """Padding in output units: the image of -1000 HU (air): -1 for CT-CLIP, 0 for Text2CT."""
+        (lo, hi), (out_lo, out_hi) = self.clip_hu, self.out_range
+        return out_lo + (AIR_HU - lo) * (out_hi - out_lo) / (hi - lo)
+
+    def transforms(self) -> Compose:
+        lo, hi = self.clip_hu
+        intensity = [ClipHU(lo, hi), ScaleHU(lo, hi, *self.out_range)]
+        if self.fit == "resize":
+            return Compose([ClipHU(lo, hi), ResampleToSpacing(self.spacing_xyz), ResizeToShape(self.shape_zyx),
+                            ScaleHU(lo, hi, *self.out_range)])
+        return Compose([ResampleToSpacing(self.spacing_xyz), *intensity,
+                        CenterCropOrPad(self.shape_zyx, self.pad_value)])
+
+    @classmethod
+    def ctclip(cls) -> "Preprocessing":
+        return cls("ctclip", (0.75, 0.75, 1.5), (240, 480, 480))
+
+    @classmethod
+    def text2ct(cls, fit: str = "crop_or_pad") -> "Preprocessing":
+        return cls("text2ct", (0.75, 0.75, 3.0), (128, 512, 512), out_range=(0.0, 1.0), orientation="RAS", fit=fit)
+
+    @classmethod
+    def demo(cls) -> "Preprocessing":
+        return cls("demo", tuple(DEMO_SPACING_XYZ), tuple(DEMO_SHAPE_ZYX))
+
+
+CTCLIP = Preprocessing.ctclip()
+TEXT2CT = Preprocessing.text2ct()
+DEMO = Preprocessing.demo()
+
+
+def to_model_tensor(volume: Volume, preset: Preprocessing = DEMO) -> torch.Tensor:
+    """The preset's transforms applied to an HU volume -> float32 tensor (1, z, y, x) in the preset's units.
+    Axes are LPS-ordered (row 0 anterior, column 0 patient's right) unless preset.orientation == "RAS", where the
+    y and x axes are flipped (row 0 posterior, column 0 patient's left) as Text2CT's reference orients."""
+    array = preset.transforms()(volume).array
+    if preset.orientation == "RAS":
+        array = array[:, ::-1, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
