@@ -89,10 +89,61 @@ def cmd_phantom(args) -> dict:
     }
 
 
+def _pipeline(args):
+    from engine.pipelines import CTClipPipeline
+
+    return CTClipPipeline.from_pretrained(args.weights, preset=args.preset)
+
+
+def _library(args, pipeline):
+    from engine.pipelines import StudyLibrary
+
+    return StudyLibrary(pipeline, user_dir=args.library)
+
+
+def cmd_retrieve(args) -> dict:
+    from engine.pipelines import check_query_text
+
+    text = check_query_text(args.text)  # before loading any model: bad queries answer at once
+    if args.k < 1 or args.k > 1000:
+        raise UserError("--k must be between 1 and 1000.")
+    started = time.perf_counter()
+    pipeline = _pipeline(args)
+    library = _library(args, pipeline)
+    results = library.search(pipeline.embed_query(text), k=args.k)
+    return {"query": {"kind": "text", "seconds": None}, "results": [r.to_json() for r in results],
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+def cmd_zeroshot(args) -> dict:
+    from engine.volume import read_ct
+
+    volume = read_ct(args.ct)  # before loading any model: a bad file answers at once
+    started = time.perf_counter()
+    pipeline = _pipeline(args)
+    findings = pipeline.zero_shot(volume)
+    return {"findings": findings, "model_id": pipeline.model_id, "warnings": volume.warnings,
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+def cmd_index(args) -> dict:
+    pipeline = _pipeline(args)
+    library = _library(args, pipeline)
+    added = []
+    for path in args.ct:
+        sid, new = library.index_file(path)  # each file commits on its own: an interrupted run keeps what it did
+        added.append({"id": sid, "path": str(Path(path).resolve()), "added": new})
+    return {"indexed": added, "library": str(library.user_dir), "size": len(library.user_index),
+            "model_id": pipeline.model_id}
+
+
 VERBS = {
     "info": cmd_info,
     "inspect": cmd_inspect,
     "phantom": cmd_phantom,
+    "retrieve": cmd_retrieve,
+    "zeroshot": cmd_zeroshot,
+    "index": cmd_index,
 }
 
 
@@ -116,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "study; omitted: sampled from CT-RATE's label table")
     p.add_argument("--seed", type=int, default=0, help="the phantom's seed (anatomy, finding sites, noise)")
     p.add_argument("--out", required=True, help="output .nii.gz")
+
+    def model_options(p):
+        p.add_argument("--preset", choices=("demo", "paper"), default="demo", help="model preset (default demo)")
+        p.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped demo checkpoint)")
+
+    p = verb("retrieve", "find the library CTs that best match a report")
+    p.add_argument("--text", required=True, help="report text or a short query ('right pleural effusion')")
+    p.add_argument("--k", type=int, default=10, help="how many studies to return (default 10)")
+    p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    model_options(p)
+    p = verb("zeroshot", "probability of each of the 18 CT-RATE findings in a CT")
+    p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip or one .dcm slice")
+    model_options(p)
+    p = verb("index", "add CTs to the user's searchable library (idempotent)")
+    p.add_argument("--ct", required=True, nargs="+", help="CT files, DICOM folders or zips")
+    p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    model_options(p)
     return parser
 
 
