@@ -1,0 +1,257 @@
+"""CT-CLIP model: demo preset end to end, exact heat-map decomposition, assets round trip, frozen codebook, and the
+CT-ViT's building blocks against explicit computations."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.ctclip import CTCLIP, CTCLIPConfig
+from engine.ctvit import Attention, ContinuousPositionBias, CTViT, CTViTConfig, Patchify
+from engine.errors import UserError
+
+REPORTS = [
+    "Bilateral pleural effusion is present. The heart is enlarged.",
+    "No pleural effusion. Lung parenchyma is normal.",
+]
+
+
+def tiny_config(**overrides) -> CTCLIPConfig:
+    """A few-second config: demo text tokenizer, small BERT (random), small CT-ViT."""
+    demo = CTCLIPConfig.demo()
+    base = dict(
+        preset="tiny",
+        input_shape=(16, 32, 32),
+        patch_size=8,
+        temporal_patch_size=4,
+        vision_dim=32,
+        spatial_depth=1,
+        temporal_depth=1,
+        heads=2,
+        dim_head=8,
+        use_vq=False,
+        official_unused_modules=False,
+        text_model=demo.text_model,
+        text_config=dict(demo.text_config, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64),
+        max_length=64,
+        latent_dim=16,
+    )
+    base.update(overrides)
+    return CTCLIPConfig(**base)
+
+
+def volume(config: CTCLIPConfig, batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 1, *config.input_shape, generator=g) * 0.5).clamp(-1, 1)
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> CTCLIP:
+    torch.manual_seed(0)
+    return CTCLIP.build(CTCLIPConfig.demo(), pretrained_text=True)
+
+
+# ------------------------------------------------------------------------------------------------ demo preset
+
+
+def test_demo_config_is_explicit_and_small(demo_model):
+    c = demo_model.config
+    assert c.input_shape == (64, 128, 128) and c.grid == (8, 8, 8)
+    assert c.use_vq is False and demo_model.visual_transformer.vq is None
+    assert c.text_dim == 384 and c.max_length == 256
+    assert not hasattr(demo_model, "to_visual_latent_extra")
+    assert demo_model.to_visual_latent.weight.shape == (c.latent_dim, 8 * 8 * c.vision_dim)
+    assert sum(p.numel() for p in demo_model.parameters()) < 40e6
+
+
+def test_demo_forward_backward(demo_model):
+    model = demo_model.train()
+    tokens = model.tokenize(REPORTS)
+    vol = volume(model.config, 2)
+    out = model(tokens["input_ids"], tokens["attention_mask"], vol)
+    assert out.logits_per_text.shape == (2, 2)
+    assert torch.equal(out.logits_per_image, out.logits_per_text.t())
+    assert torch.allclose(out.text_latent.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(out.image_latent.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # symmetric InfoNCE, written out
+    logits = model.logit_scale * out.text_latent @ out.image_latent.t()
+    t2i = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    i2t = -torch.log_softmax(logits, dim=0).diagonal().mean()
+    assert torch.isfinite(out.loss) and torch.allclose(out.loss, (t2i + i2t) / 2, atol=1e-6)
+    model.zero_grad()
+    out.loss.backward()
+    for name in ("to_visual_latent.weight", "to_text_latent.weight", "temperature",
+                 "visual_transformer.to_patch_emb.2.weight",
+                 "visual_transformer.enc_spatial_transformer.layers.0.1.to_q.weight",
+                 "text_transformer.encoder.layer.0.attention.self.query.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    model.eval()
+
+
+def test_loss_is_symmetric_under_swapping_roles():
+    """Swapping which side is 'text' and which is 'image' leaves the loss unchanged."""
+    model = CTCLIP(tiny_config()).eval()
+    tokens = model.tokenize(REPORTS + ["Emphysema."])
+    with torch.no_grad():
+        out = model(tokens["input_ids"], tokens["attention_mask"], volume(model.config, 3))
+    target = torch.arange(3)
+    swapped = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
+    assert torch.allclose(out.loss, swapped)
+    assert out.loss > 0
+
+
+def test_text_latent_ignores_padding(demo_model):
+    """Padding to the batch's longest report (not to max_length) must not change a report's latent."""
+    with torch.no_grad():
+        alone = demo_model.encode_text(**demo_model.tokenize(REPORTS[1]))
+        padded = demo_model.encode_text(**demo_model.tokenize(REPORTS))[1:]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_token_scores_sum_to_the_score(demo_model):
+    vol = volume(demo_model.config, 2, seed=3)
+    with torch.no_grad():
+        tokens = demo_model.image_tokens(vol)
+        image = demo_model.image_latent_from_tokens(tokens)
+        text = demo_model.encode_text(**demo_model.tokenize(REPORTS))
+        assert torch.allclose(image, demo_model.encode_image(vol), atol=1e-6)
+        assert tokens.shape == (2, 8, 8, demo_model.config.vision_dim)
+        paired = demo_model.token_scores(tokens, text)
+        one_text = demo_model.token_scores(tokens, text[0])
+    assert paired.shape == (2, 8, 8)
+    assert torch.allclose(paired.sum(dim=(1, 2)), (image * text).sum(-1), atol=1e-5)
+    assert torch.allclose(one_text.sum(dim=(1, 2)), image @ text[0], atol=1e-5)
+    assert paired.abs().std() > 0  # a real map, not a constant
+
+
+def test_bad_volume_shape_is_a_user_error():
+    model = CTCLIP(tiny_config())
+    with pytest.raises(UserError):
+        model.encode_image(torch.zeros(1, 1, 16, 32, 40))
+    with pytest.raises(UserError):
+        model.encode_image(torch.zeros(1, 1, 18, 32, 32))
+    with pytest.raises(UserError):
+        model.encode_image(torch.zeros(1, 16, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------ assets
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_save_load_round_trip(tmp_path, half):
+    torch.manual_seed(1)
+    model = CTCLIP(tiny_config(use_vq=True, codebook_size=64)).eval()
+    model.save_pretrained(tmp_path, half=half)
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()
+    loaded = CTCLIP.from_pretrained(tmp_path)
+    assert not loaded.training and loaded.config == CTCLIPConfig.from_dict(
+        {**vars(model.config), "tokenizer_path": loaded.config.tokenizer_path})
+    original = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        expected = original[name]
+        if half and expected.ndim >= 2 and ".vq." not in name:
+            expected = expected.half().float()
+        assert tensor.dtype == original[name].dtype and torch.equal(tensor, expected), name
+    if not half:  # identical weights -> identical outputs
+        tokens = loaded.tokenize(REPORTS)  # tokenizer read from the copied files
+        vol = volume(model.config, 2)
+        with torch.no_grad():
+            a = model(tokens["input_ids"], tokens["attention_mask"], vol)
+            b = loaded(tokens["input_ids"], tokens["attention_mask"], vol)
+        assert torch.equal(a.logits_per_text, b.logits_per_text)
+
+
+def test_from_pretrained_rejects_a_non_model_directory(tmp_path):
+    with pytest.raises(UserError):
+        CTCLIP.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ quantiser
+
+
+def test_eval_keeps_the_paper_sized_codebook_frozen():
+    config = CTViTConfig(dim=512, image_size=(40, 40), patch_size=20, temporal_patch_size=10, spatial_depth=1,
+                         temporal_depth=1, heads=8, dim_head=32, codebook_size=8192)
+    torch.manual_seed(0)
+    vit = CTViT(config)
+    codebook = vit.vq._codebook
+    assert codebook.embed.shape == (1, 8192, 512) and codebook.cluster_size.shape == (1, 8192)
+    before = {k: v.clone() for k, v in codebook.state_dict().items()}
+    x = torch.randn(2, 1, 20, 40, 40)
+    vit.eval()
+    with torch.no_grad():
+        tokens, index = vit(x, return_indices=True)
+    for k, v in codebook.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # eval output is exactly the nearest code (cosine) of each token
+    assert tokens.shape == (2, 2, 2, 2, 512) and index.shape == (2, 2, 2, 2)
+    assert torch.equal(tokens, codebook.embed[0][index])
+    vit.train()
+    vit(x)
+    assert not torch.equal(codebook.embed, before["embed"])
+    assert codebook.cluster_size.sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+def test_sdpa_attention_equals_explicit_reference():
+    torch.manual_seed(0)
+    attn = Attention(dim=48, dim_head=16, heads=3)
+    with torch.no_grad():
+        for p in attn.parameters():
+            if p.numel():
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 10, 48)
+    bias = torch.randn(3, 10, 10)
+    # explicit: keys/values from the raw input, queries from the normalised input, l2-normalised q/k, scale 8
+    normed = F.layer_norm(x, (48,), attn.norm.gamma, attn.norm.beta)
+    q = attn.to_q(normed).view(2, 10, 3, 16).transpose(1, 2)
+    k, v = (t.view(2, 10, 3, 16).transpose(1, 2) for t in attn.to_kv(x).chunk(2, dim=-1))
+    q = F.normalize(q, dim=-1) * attn.q_scale
+    k = F.normalize(k, dim=-1) * attn.k_scale
+    weights = (q @ k.transpose(-1, -2) * 8 + bias).softmax(dim=-1)
+    expected = attn.to_out((weights @ v).transpose(1, 2).reshape(2, 10, 48))
+    assert torch.allclose(attn(x, attn_bias=bias), expected, atol=1e-5)
+    assert torch.allclose(attn(x), attn.to_out(((q @ k.transpose(-1, -2) * 8).softmax(-1) @ v)
+                                               .transpose(1, 2).reshape(2, 10, 48)), atol=1e-5)
+    assert attn.null_kv.shape == (3, 0, 16)
+
+
+def test_position_bias_equals_pairwise_mlp():
+    torch.manual_seed(0)
+    cpb = ContinuousPositionBias(dim=16, heads=4)
+    h, w = 3, 5
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    rel = (grid[:, None] - grid[None, :]).float()
+    rel = torch.sign(rel) * torch.log(rel.abs() + 1)
+    for layer in cpb.net:
+        rel = layer(rel)
+    assert torch.allclose(cpb(h, w), rel.permute(2, 0, 1), atol=1e-6)
+
+
+def test_patchify_order_matches_reference_rearrange():
+    """b c (t pt) (h p1) (w p2) -> b t h w (c pt p1 p2)."""
+    x = torch.randn(2, 2, 8, 12, 6)
+    out = Patchify(pt=4, p=3)(x)
+    assert out.shape == (2, 2, 4, 2, 2 * 4 * 3 * 3)
+    b, t, h, w = 1, 1, 2, 1
+    patch = x[b, :, t * 4:(t + 1) * 4, h * 3:(h + 1) * 3, w * 3:(w + 1) * 3]
+    assert torch.equal(out[b, t, h, w], patch.reshape(-1))
+
+
+def test_peg_is_causal_along_depth():
+    """A change in the last slab of tokens cannot affect earlier slabs through the PEG of the spatial stage."""
+    from engine.ctvit import PEG
+
+    torch.manual_seed(0)
+    peg = PEG(dim=4)
+    b, t, h, w = 1, 3, 2, 2
+    x = torch.randn(b * t, h * w, 4)
+    y = x.clone()
+    y.view(b, t, h * w, 4)[:, -1] += 1.0
+    out_x, out_y = peg(x, (b, t, h, w)), peg(y, (b, t, h, w))
+    assert torch.equal(out_x.view(b, t, -1)[:, :-1], out_y.view(b, t, -1)[:, :-1])
+    assert not torch.equal(out_x, out_y)
