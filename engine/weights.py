@@ -194,3 +194,33 @@ def convert_official_ctclip(
               metadata={"format": "pt", "preset": config.preset, "source": Path(src).name})
     (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
     return out_dir
+
+
+def load_ctclip_directory(directory: str | Path, *, allow_pickle: bool = False):
+    """The paper preset from a user's weights folder, ready for inference (eval mode).
+
+    The folder holds either a converted checkpoint (config.json + model.safetensors, as convert_official_ctclip or
+    CTCLIP.save_pretrained write) or the official CT-CLIP_v2.pt, converted once into DIR/converted/ on first use.
+    The CXR-BERT tokenizer is taken from DIR/tokenizer/ when present, else from the hub id (users with hub access)."""
+    from engine.ctclip import CONFIG_FILE, CTCLIP, WEIGHTS_FILE
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"The weights folder '{directory}' does not exist.")
+    if (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+        target = directory
+    else:
+        official = directory / "CT-CLIP_v2.pt"
+        if not official.is_file():
+            raise UserError(f"'{directory}' holds neither CT-CLIP_v2.pt nor a converted checkpoint "
+                            f"({CONFIG_FILE} + {WEIGHTS_FILE}).")
+        target = directory / "converted"
+        if not (target / WEIGHTS_FILE).is_file():
+            convert_official_ctclip(official, target, allow_pickle=allow_pickle)
+    tokenizer = directory / "tokenizer"
+    if tokenizer.is_dir():
+        config = json.loads((target / CONFIG_FILE).read_text())
+        if not config.get("tokenizer_path"):
+            config["tokenizer_path"] = str(tokenizer.resolve())
+            (target / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return CTCLIP.from_pretrained(target)

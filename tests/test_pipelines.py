@@ -129,3 +129,17 @@ def test_demo_text_retrieval_finds_matching_studies(demo_pipeline, tmp_path):
         prevalence = np.mean([s.label_dict[label] for s in library.demo.studies])
         precision = np.mean([r.labels[label] for r in results])
         assert precision > min(0.9, 2 * prevalence), (query, precision, prevalence)
+
+
+def test_weights_folder_loading(tiny_pipeline, tmp_path):
+    from engine.weights import load_ctclip_directory
+
+    with pytest.raises(UserError):
+        load_ctclip_directory(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="CT-CLIP_v2.pt"):
+        load_ctclip_directory(tmp_path / "empty")
+    tiny_pipeline.model.save_pretrained(tmp_path / "converted_ckpt", half=False)
+    model = load_ctclip_directory(tmp_path / "converted_ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), tiny_pipeline.model.state_dict().items()):
+        assert torch.equal(a, b), name
