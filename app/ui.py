@@ -1,0 +1,59 @@
+"""The app's layout: a title, a one-line "how to use", and one tab per way into the engine."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+
+from app.library_tab import library_tab
+from app.open_tab import open_tab
+
+
+@dataclass
+class AppConfig:
+    """What the app was started with (`python app.py --preset ... --weights ...`); the engine reads the models."""
+    preset: str = "demo"          # "demo" (embedded small models) | "paper" (published architectures)
+    weights: str | None = None    # folder of checkpoints for the paper preset
+    library_path: str | None = None  # demo library JSON (default: assets/library/studies.json)
+
+
+TITLE = "Chest-CT workstation"
+HOW_TO = ("Pick a study in **Library** or upload your own CT in **Open a CT**. Move the slice sliders to scroll, "
+          "choose a window (Lung, Mediastinum, Bone or your own level and width), and press **Show 3-D** for a "
+          "surface view of bone and lungs.")
+
+THEME = gr.themes.Soft(primary_hue="sky", neutral_hue="slate")
+# CT planes on black, centred, never stretched (the image keeps its physical aspect inside its box).
+CSS = """
+.ct-plane img { background: #000; object-fit: contain; }
+.ct-plane .image-container, .ct-plane .image-frame { background: #000; }
+.ct-info { font-size: 0.92em; }
+"""
+
+
+def load_library(config: AppConfig):
+    """The demo library, or None when it has not been built (the Library tab then says how to build it)."""
+    from engine.errors import UserError
+    from engine.library import DEFAULT_LIBRARY_PATH, DemoLibrary
+
+    try:
+        return DemoLibrary.load(config.library_path or DEFAULT_LIBRARY_PATH)
+    except UserError:
+        return None
+
+
+def build_app(config: AppConfig | None = None) -> gr.Blocks:
+    config = config or AppConfig()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    library = load_library(config)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{HOW_TO}")
+        with gr.Tabs():
+            with gr.Tab("Library", id="library", elem_id="tab-library"):
+                library_tab(library, demo)
+            with gr.Tab("Open a CT", id="open", elem_id="tab-open"):
+                open_tab()
+        gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
+                    + " · research demo, not for clinical use.", elem_classes=["footer-note"])
+    return demo

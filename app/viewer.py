@@ -1,0 +1,168 @@
+"""The CT viewer: three orthogonal planes with slice sliders, window presets, an info line and an on-demand 3-D view.
+
+`ct_viewer()` builds the viewer inside whatever Blocks context it is called from (any tab) and returns a `CTViewer`
+holding its components. A tab opens a volume in it by writing the Volume to `viewer.volume` (a server-side gr.State)
+and chaining `viewer.refresh` after that event:
+
+    dep = button.click(load_something, inputs, [viewer.volume, other_outputs])
+    viewer.open_after(dep)
+
+Images come from engine.viewing.plane_image (true physical aspect, radiological orientation). An optional heat map
+(`viewer.overlay`, a float array 0..1 the shape of the volume, or None) is blended over every plane.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+
+from engine.viewing import PLANES, WINDOWS, figure_3d, plane_count, plane_image
+
+PRESETS = {"Lung": WINDOWS["lung"], "Mediastinum": WINDOWS["mediastinum"], "Bone": WINDOWS["bone"]}
+CUSTOM = "Custom"
+DEFAULT_PRESET = "Lung"
+PLANE_TITLES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
+IMAGE_HEIGHT = 360  # px on screen; the image keeps its own (physical) aspect inside this box
+NO_VOLUME = "No CT loaded yet: pick a study or upload a file."
+
+
+@dataclass
+class CTViewer:
+    """The viewer's components (see the module docstring for how a tab opens a volume)."""
+    volume: gr.State            # engine.volume.Volume | None (server side)
+    overlay: gr.State           # float array (z, y, x) in 0..1 | None
+    images: list[gr.Image]      # axial, coronal, sagittal
+    sliders: list[gr.Slider]    # one slice index per plane
+    preset: gr.Radio
+    level: gr.Slider            # HU
+    width: gr.Slider            # HU
+    info: gr.Markdown
+    show_3d: gr.Button
+    plot: gr.Plot
+
+    @property
+    def refresh_inputs(self) -> list:
+        return [self.volume, self.overlay, self.level, self.width]
+
+    @property
+    def refresh_outputs(self) -> list:
+        return [*self.sliders, *self.images, self.info, self.plot]
+
+    def open_after(self, dependency):
+        """Show `viewer.volume` once `dependency` (an event that wrote it) has succeeded."""
+        return dependency.success(refresh, self.refresh_inputs, self.refresh_outputs, show_progress="hidden")
+
+
+# --------------------------------------------------------------------------------------------------- handlers
+
+def _overlay_for(volume, overlay):
+    """The overlay if it fits the volume, else None (a stale overlay from a previous volume is ignored)."""
+    if overlay is None or volume is None:
+        return None
+    return overlay if np.shape(overlay) == volume.array.shape else None
+
+
+def render_plane(volume, overlay, plane: str, index, level, width):
+    """One plane image (uint8) or None when nothing is loaded."""
+    if volume is None:
+        return None
+    return plane_image(volume, plane, int(index), float(level), float(width), overlay=_overlay_for(volume, overlay))
+
+
+def info_line(volume) -> str:
+    """Shape (x, y, z), spacing mm, HU range and source of a volume, as one Markdown line (+ warnings)."""
+    if volume is None:
+        return NO_VOLUME
+    x, y, z = volume.shape_xyz
+    spacing = " x ".join(f"{round(float(s), 2)}" for s in volume.spacing)
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    source = volume.source or "unknown"
+    if os.sep in source:
+        source = os.path.basename(source)
+    line = (f"**{x} x {y} x {z}** voxels (x, y, z) · spacing {spacing} mm · HU {lo:.0f} to {hi:.0f} · "
+            f"source: {source}")
+    for warning in volume.warnings:
+        line += f"  \n⚠ {warning}"
+    return line
+
+
+def refresh(volume, overlay, level, width):
+    """New volume: re-range the three sliders to it (middle slice), draw the planes, describe it, clear the 3-D."""
+    if volume is None:
+        sliders = [gr.Slider(minimum=0, maximum=1, value=0) for _ in PLANES]
+        return [*sliders, None, None, None, NO_VOLUME, gr.Plot(value=None, visible=False)]
+    sliders, images = [], []
+    for plane in PLANES:
+        n = plane_count(volume, plane)
+        middle = n // 2
+        # a single-slice plane (one DICOM slice) still needs maximum > minimum; plane_image clips the index
+        sliders.append(gr.Slider(minimum=0, maximum=max(n - 1, 1), value=middle, step=1, interactive=n > 1))
+        images.append(render_plane(volume, overlay, plane, middle, level, width))
+    return [*sliders, *images, info_line(volume), gr.Plot(value=None, visible=False)]
+
+
+def _render_all(volume, overlay, k, j, i, level, width):
+    return [render_plane(volume, overlay, plane, index, level, width) for plane, index in zip(PLANES, (k, j, i))]
+
+
+def on_preset(name, volume, overlay, k, j, i, level, width):
+    """A window preset: move the level/width sliders to it and redraw (Custom keeps the sliders as they are)."""
+    if name in PRESETS:
+        level, width = PRESETS[name]
+    return [level, width, *_render_all(volume, overlay, k, j, i, level, width)]
+
+
+def on_window_slider(volume, overlay, k, j, i, level, width):
+    """The user moved level or width: the preset becomes Custom (unless it matches one) and the planes redraw."""
+    name = next((n for n, lw in PRESETS.items() if lw == (float(level), float(width))), CUSTOM)
+    return [name, *_render_all(volume, overlay, k, j, i, level, width)]
+
+
+def on_show_3d(volume):
+    if volume is None:
+        gr.Warning("Open a CT first, then press Show 3-D.")
+        return gr.Plot(visible=False)
+    return gr.Plot(value=figure_3d(volume), visible=True)
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+def ct_viewer() -> CTViewer:
+    """Build the viewer in the current Blocks context and wire its own events; returns its components."""
+    volume = gr.State(None)
+    overlay = gr.State(None)
+    info = gr.Markdown(NO_VOLUME, elem_classes=["ct-info"])
+    images, sliders = [], []
+    with gr.Row(equal_height=True):
+        for plane in PLANES:
+            with gr.Column(min_width=220):
+                images.append(gr.Image(label=PLANE_TITLES[plane], type="numpy", format="png", interactive=False,
+                                       height=IMAGE_HEIGHT, buttons=["fullscreen"],
+                                       elem_classes=["ct-plane", f"ct-{plane}"]))
+                sliders.append(gr.Slider(0, 1, value=0, step=1, label=f"{PLANE_TITLES[plane]} slice",
+                                         elem_classes=[f"ct-slider-{plane}"]))
+    with gr.Row(equal_height=False):
+        preset = gr.Radio([*PRESETS, CUSTOM], value=DEFAULT_PRESET, label="Window", scale=3, min_width=330,
+                          elem_classes=["ct-preset"])
+        level = gr.Slider(-1200, 3000, value=PRESETS[DEFAULT_PRESET][0], step=10, label="Level (HU)", scale=2,
+                          elem_classes=["ct-level"])
+        width = gr.Slider(1, 4000, value=PRESETS[DEFAULT_PRESET][1], step=10, label="Width (HU)", scale=2,
+                          elem_classes=["ct-width"])
+        show_3d = gr.Button("Show 3-D", variant="secondary", scale=1, min_width=110, elem_classes=["ct-show-3d"])
+    # Hidden until asked for: the surface mesh takes about a second, so it is not computed on every load.
+    plot = gr.Plot(label="3-D: bone and lungs (drag to rotate)", visible=False, elem_classes=["ct-plot"])
+    viewer = CTViewer(volume=volume, overlay=overlay, images=images, sliders=sliders, preset=preset, level=level,
+                      width=width, info=info, show_3d=show_3d, plot=plot)
+
+    quick = dict(show_progress="hidden", trigger_mode="always_last")
+    for plane, slider, image in zip(PLANES, sliders, images):
+        slider.input(lambda v, o, idx, lv, wd, plane=plane: render_plane(v, o, plane, idx, lv, wd),
+                     [volume, overlay, slider, level, width], image, **quick)
+    window_inputs = [volume, overlay, *sliders, level, width]
+    preset.input(on_preset, [preset, *window_inputs], [level, width, *images], **quick)
+    for slider in (level, width):
+        slider.input(on_window_slider, window_inputs, [preset, *images], **quick)
+    show_3d.click(on_show_3d, volume, plot)
+    return viewer
