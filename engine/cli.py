@@ -56,9 +56,25 @@ def _models_info() -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from engine.volume import inspect_ct, read_ct
+    given = [name for name in ("ct", "cxr", "audio") if getattr(args, name)]
+    if len(given) != 1:
+        raise UserError("Give exactly one of --ct, --cxr or --audio.")
+    if args.ct:
+        from engine.volume import inspect_ct, read_ct
 
-    return inspect_ct(read_ct(args.ct))
+        return inspect_ct(read_ct(args.ct))
+    if args.cxr:
+        from engine.radiograph import read_radiograph
+
+        cxr = read_radiograph(args.cxr)
+        h, w = cxr.image.shape
+        return {"kind": "radiograph", "shape": [w, h], "pixel_spacing_mm": cxr.pixel_spacing_mm,
+                "warnings": list(cxr.warnings)}
+    from engine.audio import SAMPLE_RATE, read_audio, rms_dbfs, split_windows
+
+    audio = read_audio(args.audio)
+    return {"kind": "audio", "seconds": round(audio.seconds, 3), "sample_rate": SAMPLE_RATE,
+            "rms_dbfs": round(rms_dbfs(audio.samples), 2), "windows_30s": len(split_windows(audio.samples))}
 
 
 def cmd_phantom(args) -> dict:
@@ -159,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     verb("info", "versions, conventions and the models the engine has")
-    p = verb("inspect", "describe a CT (shape, spacing, orientation, HU range, chest CT or not)")
-    p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip or one .dcm slice")
+    p = verb("inspect", "describe a CT (shape, spacing, orientation, HU range, chest CT or not), a radiograph or audio")
+    p.add_argument("--ct", help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip or one .dcm slice")
+    p.add_argument("--cxr", help="chest radiograph: PNG, JPEG or DICOM")
+    p.add_argument("--audio", help="recording: WAV, FLAC, OGG or WebM/Opus")
     p = verb("phantom", "write one digital chest phantom study (NIfTI) with its CT-RATE-style report")
     p.add_argument("--labels", default=None,
                    help='comma-separated CT-RATE labels, e.g. "Pleural effusion,Cardiomegaly"; "" for a normal '
@@ -198,12 +216,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     debug = "--debug" in argv
-    started = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
         result = VERBS[args.verb](args)
-        if "elapsed_s" in result and result["elapsed_s"] is None:
-            result["elapsed_s"] = round(time.perf_counter() - started, 4)
         if as_json:
             print(json.dumps(result))
         else:

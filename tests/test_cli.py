@@ -142,3 +142,33 @@ def test_plain_output_errors_go_to_stderr(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_mixed_dicom_series_folder_is_refused(tmp_path, shared_data):
+    from tests.test_io_ct import write_dicom_series
+
+    image = sitk.ReadImage(str(shared_data / "ct" / "lung1_image_small128.nii.gz"))
+    write_dicom_series(image[:, :, :3], tmp_path / "mixed" / "a", "1.2.826.0.1.3680043.2.1125.7.1")
+    write_dicom_series(image[:, :, 3:6], tmp_path / "mixed" / "b", "1.2.826.0.1.3680043.2.1125.7.2")
+    code, out, _ = run_cli("inspect", "--ct", str(tmp_path / "mixed"), "--json")
+    assert_one_sentence_error(code, out)
+    assert "2 DICOM series" in out["error"]
+
+
+def test_bad_audio_and_radiograph_inputs(tmp_path, shared_data):
+    import soundfile
+
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16000 * 3, dtype=np.float32), 16000)
+    empty_wav = tmp_path / "zero.wav"
+    soundfile.write(empty_wav, np.zeros(0, dtype=np.float32), 16000)
+    text = tmp_path / "notes.ogg"
+    text.write_text("not a recording")
+    for path in (silent, empty_wav, text, shared_data / "cxr" / "00000001_000.png"):
+        assert_one_sentence_error(*run_cli("inspect", "--audio", str(path), "--json")[:2])
+    assert_one_sentence_error(*run_cli("inspect", "--cxr", str(shared_data / "ct" / "lung1_image.nii.gz"),
+                                       "--json")[:2])
+    spoken = tmp_path / "spoken.wav"
+    subprocess.run(["espeak-ng", "-w", str(spoken), "Small right pleural effusion."], check=True)
+    code, out, _ = run_cli("inspect", "--audio", str(spoken), "--json")
+    assert code == 0 and out["sample_rate"] == 16000 and 0.5 < out["seconds"] < 5
