@@ -14,7 +14,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--preset", choices=("demo", "paper"), default="demo",
                         help="demo: the small embedded models; paper: the published architectures")
-    parser.add_argument("--weights", default=None, help="folder of checkpoints (paper preset)")
+    parser.add_argument("--weights", default=None,
+                        help="CT CLIP checkpoint folder (demo: default assets/ctclip; paper: a folder with "
+                             "CT-CLIP_v2.pt or its converted safetensors)")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from app.viewer import ct_viewer
+from app.zeroshot_panel import read_findings, zeroshot_panel
 from engine.errors import UserError
 from engine.labels import LABELS
 
@@ -32,9 +33,10 @@ def report_markdown(study) -> str:
             f"\n\nLabel vector (CT-CLIP order): `{vector}`")
 
 
-def library_tab(library, demo: gr.Blocks | None = None) -> None:
+def library_tab(library, demo: gr.Blocks | None = None, models=None) -> None:
     """Build the tab's content in the current context. `library` is an engine.library.DemoLibrary or None; when
-    `demo` (the enclosing Blocks) is given, the first study opens as soon as the page loads."""
+    `demo` (the enclosing Blocks) is given, the first study opens as soon as the page loads; with `models`
+    (app.zeroshot_panel.CTClipModels) the CT CLIP's zero-shot reading of the open study is shown next to its labels."""
     if library is None:
         gr.Markdown("The demo library is missing: build it with `python -m training.build_library`.")
         return
@@ -48,9 +50,16 @@ def library_tab(library, demo: gr.Blocks | None = None) -> None:
                                  elem_classes=["library-table"])
         with gr.Column(scale=2):
             report = gr.Markdown("Select a study to read its report.", elem_classes=["library-report"],
-                                 max_height=330)
-            labels = gr.CheckboxGroup(list(LABELS), value=[], label="The 18 CT-RATE labels of this study",
-                                      interactive=False, elem_classes=["library-labels"])
+                                 max_height=470)
+    with gr.Row(equal_height=False):
+        # The study's own labels and, beside them, what the CT CLIP reads in its image (bars coloured by the labels).
+        labels = gr.CheckboxGroup(list(LABELS), value=[], label="The 18 CT-RATE labels of this study",
+                                  interactive=False, elem_classes=["library-labels"])
+        if models is not None:
+            with gr.Column():
+                panel = zeroshot_panel()
+        else:
+            panel = None
     viewer = ct_viewer()
 
     def open_study(study_id: str):
@@ -67,8 +76,14 @@ def library_tab(library, demo: gr.Blocks | None = None) -> None:
             raise gr.Error("Click a row of the table to open a study.", print_exception=False)
         return open_study(str(row[0]))
 
+    def read(opened):
+        """After the planes: the zero-shot bars, coloured by the study's own labels (the ticked boxes)."""
+        if panel is not None:
+            opened.success(lambda volume, ticked: read_findings(models, volume, {l: int(l in ticked) for l in LABELS}),
+                           [viewer.volume, labels], panel.outputs, show_progress="hidden")
+
     label_filter.input(lambda name: library_table(library, name), label_filter, table)
-    viewer.open_after(table.select(open_selected, None, [viewer.volume, report, labels]))
+    read(viewer.open_after(table.select(open_selected, None, [viewer.volume, report, labels])))
     if demo is not None and len(library):
         first = library.studies[0].id
-        viewer.open_after(demo.load(lambda: open_study(first), None, [viewer.volume, report, labels]))
+        read(viewer.open_after(demo.load(lambda: open_study(first), None, [viewer.volume, report, labels])))

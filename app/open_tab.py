@@ -6,6 +6,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.viewer import ct_viewer
+from app.zeroshot_panel import read_findings, zeroshot_panel
 from engine.errors import UserError
 from engine.volume import read_ct
 
@@ -29,10 +30,16 @@ def load_upload(path):
     return volume
 
 
-def open_tab() -> None:
-    """Build the tab's content in the current context."""
-    gr.Markdown(f"Upload one chest CT: {FORMATS}. Nothing leaves this machine.")
+def open_tab(models=None) -> None:
+    """Build the tab's content in the current context. With `models` (app.zeroshot_panel.CTClipModels) the CT CLIP
+    reads the uploaded CT's 18 findings as soon as its planes are shown."""
+    gr.Markdown(f"Upload one chest CT: {FORMATS}. Nothing leaves this machine."
+                + (" The CT CLIP then reads its 18 findings (below the viewer)." if models is not None else ""))
     upload = gr.File(label="CT file", file_count="single", type="filepath", height=120,
                      elem_classes=["ct-upload"])
     viewer = ct_viewer()
-    viewer.open_after(upload.upload(load_upload, upload, viewer.volume))
+    opened = viewer.open_after(upload.upload(load_upload, upload, viewer.volume))
+    if models is not None:
+        panel = zeroshot_panel()
+        opened.success(lambda volume: read_findings(models, volume), viewer.volume, panel.outputs,
+                       show_progress="hidden")

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from app.find_tab import find_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
+from app.zeroshot_panel import CTClipModels
 
 
 @dataclass
@@ -16,10 +18,12 @@ class AppConfig:
     preset: str = "demo"          # "demo" (embedded small models) | "paper" (published architectures)
     weights: str | None = None    # folder of checkpoints for the paper preset
     library_path: str | None = None  # demo library JSON (default: assets/library/studies.json)
+    preload: bool = True          # load the CT CLIP in a background thread at start-up (else on first use)
 
 
 TITLE = "Chest-CT workstation"
-HOW_TO = ("Pick a study in **Library** or upload your own CT in **Open a CT**. Move the slice sliders to scroll, "
+HOW_TO = ("Pick a study in **Library**, describe what you are looking for in **Find CTs**, or upload your own CT in "
+          "**Open a CT**; the CT CLIP reads the 18 findings of whatever CT is open. Move the slice sliders to scroll, "
           "choose a window (Lung, Mediastinum, Bone or your own level and width), and press **Show 3-D** for a "
           "surface view of bone and lungs.")
 
@@ -29,6 +33,7 @@ CSS = """
 .ct-plane img { background: #000; object-fit: contain; }
 .ct-plane .image-container, .ct-plane .image-frame { background: #000; }
 .ct-info { font-size: 0.92em; }
+.find-status p, .find-heat-note p, .zeroshot-note p { margin: 0.2em 0; }
 """
 
 
@@ -47,13 +52,20 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     config = config or AppConfig()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     library = load_library(config)
+    models = CTClipModels(preset=config.preset, weights=config.weights)  # one CT CLIP per process, for every tab
+    if config.preload:
+        models.start()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{HOW_TO}")
         with gr.Tabs():
+            # Library first: it opens a study the moment the page loads (no model needed) while the CT CLIP loads in
+            # the background; Find CTs, the CT CLIP's own flow, is one click away.
             with gr.Tab("Library", id="library", elem_id="tab-library"):
-                library_tab(library, demo)
+                library_tab(library, demo, models)
+            with gr.Tab("Find CTs", id="find", elem_id="tab-find"):
+                find_tab(models, demo)
             with gr.Tab("Open a CT", id="open", elem_id="tab-open"):
-                open_tab()
+                open_tab(models)
         gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
                     + " · research demo, not for clinical use.", elem_classes=["footer-note"])
     return demo

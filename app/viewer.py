@@ -7,6 +7,8 @@ and chaining `viewer.refresh` after that event:
     dep = button.click(load_something, inputs, [viewer.volume, other_outputs])
     viewer.open_after(dep)
 
+and shows a heat map by writing `viewer.overlay` and chaining `viewer.redraw_after` (the planes redraw in place).
+
 Images come from engine.viewing.plane_image (true physical aspect, radiological orientation). An optional heat map
 (`viewer.overlay`, a float array 0..1 the shape of the volume, or None) is blended over every plane.
 """
@@ -53,6 +55,12 @@ class CTViewer:
     def open_after(self, dependency):
         """Show `viewer.volume` once `dependency` (an event that wrote it) has succeeded."""
         return dependency.success(refresh, self.refresh_inputs, self.refresh_outputs, show_progress="hidden")
+
+    def redraw_after(self, dependency):
+        """Redraw the three planes at their current slices once `dependency` (an event that wrote `viewer.overlay`,
+        e.g. a heat map or None) has succeeded."""
+        return dependency.success(_render_all, [self.volume, self.overlay, *self.sliders, self.level, self.width],
+                                  self.images, show_progress="hidden")
 
 
 # --------------------------------------------------------------------------------------------------- handlers
