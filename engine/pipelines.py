@@ -28,8 +28,11 @@ from engine.labels import LABELS
 from engine.volume import Volume
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEMO_CTCLIP_DIR = ASSETS / "ctclip"
-DEMO_LIBRARY_EMBEDDINGS = ASSETS / "library" / "ctclip_embeddings.safetensors"
+# The shipped demo checkpoint and the demo library's latents made with it ($CT_CTCLIP_DIR / $CT_LIBRARY_EMBEDDINGS
+# point elsewhere, e.g. at a checkpoint being trained).
+DEMO_CTCLIP_DIR = Path(os.environ.get("CT_CTCLIP_DIR", ASSETS / "ctclip"))
+DEMO_LIBRARY_EMBEDDINGS = Path(os.environ.get("CT_LIBRARY_EMBEDDINGS",
+                                              ASSETS / "library" / "ctclip_embeddings.safetensors"))
 DEFAULT_USER_LIBRARY = Path(os.environ.get("CT_WORKSTATION_LIBRARY",
                                            Path.home() / ".local" / "share" / "ct-workstation"))
 MAX_QUERY_CHARS = 20_000  # a long CT-RATE report is ~8,000 characters; 100 kB of text is not a report
@@ -321,18 +324,21 @@ def _load_demo_embeddings(path: Path, model_id: str, demo) -> tuple[list[str], n
     return ids, matrix
 
 
-def build_demo_embeddings(pipeline: CTClipPipeline, out: Path = DEMO_LIBRARY_EMBEDDINGS, progress=None) -> Path:
-    """Render and encode every demo study; write (ids, embeddings, model_id) to a safetensors file."""
+def build_demo_embeddings(pipeline: CTClipPipeline, out: Path = DEMO_LIBRARY_EMBEDDINGS, progress=None,
+                          ids: list[str] | None = None) -> Path:
+    """Render and encode the demo studies (all, or `ids`); write (ids, embeddings, model_id) to a safetensors file.
+    `progress` wraps the iteration (e.g. tqdm)."""
     from safetensors.numpy import save_file
 
     from engine.library import DemoLibrary
 
     demo = DemoLibrary.load(cache_size=1)
-    studies = demo.studies if progress is None else progress(demo.studies)
-    latents = [pipeline.embed_volume(demo.volume(study.id)) for study in studies]
+    studies = [demo.get(i) for i in ids] if ids is not None else list(demo.studies)
+    iterator = studies if progress is None else progress(studies)
+    latents = [pipeline.embed_volume(demo.volume(study.id)) for study in iterator]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": np.stack(latents).astype(np.float16)}, str(out),
-              metadata={"model_id": pipeline.model_id, "ids": json.dumps([s.id for s in demo.studies]),
+              metadata={"model_id": pipeline.model_id, "ids": json.dumps([s.id for s in studies]),
                         "made": time.strftime("%Y-%m-%d")})
     return out
 

@@ -9,35 +9,22 @@ tabs show the bars too. Screenshots go to a temporary folder (CT_SCREENSHOTS=DIR
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.browser import browser_page, running_app, screenshots_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-quic", "--no-first-run"]
 STANDIN_STUDIES = 24  # demo studies encoded by the stand-in (enough for K = 10; a few seconds on a CPU)
 QUERY = ("Findings: There is a moderate right pleural effusion with adjacent passive atelectasis. Centrilobular "
          "emphysematous changes are seen in both upper lobes. Impression: Right pleural effusion. Emphysema.")
 K = 10
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint_env(scratch: Path) -> dict:
@@ -75,77 +62,30 @@ def _embeddings_model_id(path: Path) -> str | None:
 
 def _write_subset_embeddings(checkpoint: Path, out: Path, n: int) -> None:
     """Latents of the first n demo studies, in the shipped file's format (ids + model id in the metadata)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
     from engine.library import DemoLibrary
-    from engine.pipelines import CTClipPipeline
+    from engine.pipelines import CTClipPipeline, build_demo_embeddings
 
-    pipeline = CTClipPipeline.from_pretrained(checkpoint, "demo")
-    demo = DemoLibrary.load(cache_size=1)
-    studies = demo.studies[:n]
-    latents = np.stack([pipeline.embed_volume(demo.volume(s.id)) for s in studies]).astype(np.float16)
-    save_file({"embeddings": latents}, str(out),
-              metadata={"model_id": pipeline.model_id, "ids": json.dumps([s.id for s in studies])})
+    ids = [s.id for s in DemoLibrary.load().studies[:n]]
+    build_demo_embeddings(CTClipPipeline.from_pretrained(checkpoint, "demo"), out, ids=ids)
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("find_app")
-    port = _free_port()
-    log = scratch / "app.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               CT_WORKSTATION_LIBRARY=str(scratch / "user_library"), **_checkpoint_env(scratch))
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer within 60 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    env = dict(CT_WORKSTATION_LIBRARY=str(scratch / "user_library"), **_checkpoint_env(scratch))
+    with running_app(scratch / "app.log", env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make debs)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(app_url)
-        page.get_by_role("heading", name="Chest-CT workstation").wait_for()
+    with browser_page(app_url, timeout_ms=30_000) as page:
         yield page
-        browser.close()
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = os.environ.get("CT_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        return Path(folder)
-    return tmp_path_factory.mktemp("screenshots")
+    return screenshots_dir(tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
