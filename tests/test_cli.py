@@ -172,3 +172,54 @@ def test_bad_audio_and_radiograph_inputs(tmp_path, shared_data):
     subprocess.run(["espeak-ng", "-w", str(spoken), "Small right pleural effusion."], check=True)
     code, out, _ = run_cli("inspect", "--audio", str(spoken), "--json")
     assert code == 0 and out["sample_rate"] == 16000 and 0.5 < out["seconds"] < 5
+
+
+# ------------------------------------------------------------------ CT CLIP verbs (the shipped demo checkpoint)
+
+REPORT = ("Findings: Trachea and both main bronchi are open. Heart size is increased. There is a pleural effusion "
+          "on the right, 25 mm thick, with compressive atelectasis. Centrilobular emphysema in both upper lobes. "
+          "Impression: Cardiomegaly. Right pleural effusion. Emphysema.")
+
+
+def test_retrieve_text_returns_k_studies(tmp_path):
+    code, out, _ = run_cli("retrieve", "--text", REPORT, "--k", "7", "--library", str(tmp_path / "lib"), "--json")
+    assert code == 0, out
+    assert out["query"] == {"kind": "text", "seconds": None}
+    results = out["results"]
+    assert len(results) == 7
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    for r in results:
+        assert set(r) >= {"id", "score", "labels", "report", "source"} and r["source"] == "phantom"
+        assert set(r["labels"]) == set(LABELS) and r["report"].startswith("Findings:")
+    assert out["elapsed_s"] > 0
+
+
+def test_zeroshot_reads_all_18_labels(lung1_path):
+    code, out, _ = run_cli("zeroshot", "--ct", str(lung1_path), "--json")
+    assert code == 0, out
+    assert list(out["findings"]) == list(LABELS)
+    assert all(0.0 <= p <= 1.0 for p in out["findings"].values())
+
+
+def test_index_is_idempotent_and_indexed_ct_is_found(tmp_path, shared_data):
+    ct = shared_data / "ct" / "lung1_image_small128.nii.gz"
+    library = str(tmp_path / "lib")
+    code, first, _ = run_cli("index", "--ct", str(ct), "--library", library, "--json")
+    assert code == 0, first
+    assert first["indexed"][0]["added"] is True and first["size"] == 1
+    code, again, _ = run_cli("index", "--ct", str(ct), "--library", library, "--json")
+    assert again["indexed"][0] == {**first["indexed"][0], "added": False} and again["size"] == 1
+    code, out, _ = run_cli("retrieve", "--text", "lung mass", "--k", "400", "--library", library, "--json")
+    assert code == 0 and any(r["id"] == first["indexed"][0]["id"] and r["source"] == "file" for r in out["results"])
+
+
+def test_ct_clip_verbs_reject_bad_input(tmp_path, shared_data):
+    for text in ("", "   ", "effusion " * 13_000, "右側胸水と肺気腫"):
+        assert_one_sentence_error(*run_cli("retrieve", "--text", text, "--json")[:2])
+    assert_one_sentence_error(*run_cli("retrieve", "--text", "emphysema", "--k", "0", "--json")[:2])
+    assert_one_sentence_error(*run_cli("zeroshot", "--ct", str(shared_data / "cxr" / "00000001_000.png"),
+                                       "--json")[:2])
+    assert_one_sentence_error(*run_cli("zeroshot", "--ct", str(tmp_path / "missing.nii.gz"), "--json")[:2])
+    assert_one_sentence_error(*run_cli("retrieve", "--text", "emphysema", "--preset", "paper", "--json")[:2])
+    assert_one_sentence_error(*run_cli("index", "--ct", str(tmp_path / "nothing"), "--library",
+                                       str(tmp_path / "lib"), "--json")[:2])
