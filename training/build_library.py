@@ -1,5 +1,9 @@
 """Build the demo library: `python -m training.build_library --n 300 --seed-base 1000000`.
 
+`python -m training.build_library --embeddings [--checkpoint assets/ctclip]` then encodes every library study with
+the CT CLIP and writes assets/library/ctclip_embeddings.safetensors (tied to that checkpoint's model id); run it after
+every new CT CLIP checkpoint.
+
 Writes assets/library/studies.json: one entry per phantom study (id, seed, labels, structured findings, report),
 made by engine.phantom.make_study with label sets sampled from CT-RATE's real label table (so co-occurrence is
 realistic). Only the parameters are stored; the app re-renders a volume from (findings, seed) when a study is opened.
@@ -46,8 +50,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seed-base", type=int, default=LIBRARY_SEED_MIN,
                         help=f"seed of the first study (>= {LIBRARY_SEED_MIN:,}; default {LIBRARY_SEED_MIN:,})")
     parser.add_argument("--out", type=Path, default=DEFAULT_LIBRARY_PATH, help="output JSON")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="encode the existing library with the CT CLIP instead of building the studies")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="CT CLIP folder (default assets/ctclip)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.embeddings:
+        from engine.pipelines import CTClipPipeline, build_demo_embeddings
+
+        pipeline = CTClipPipeline.from_pretrained(args.checkpoint)
+        path = build_demo_embeddings(pipeline, progress=lambda s: tqdm(s, desc="encoding studies", unit="study"))
+        print(f"wrote the latents of the demo library ({pipeline.model_id}) to {path} "
+              f"in {time.perf_counter() - started:.0f} s")
+        return
     library = build(args.n, args.seed_base)
     path = library.save(args.out)
     with_findings = sum(bool(s.labels) for s in library)
