@@ -1,0 +1,90 @@
+"""`python -m training STAGE ...`: reproduce the project's checkpoints.
+
+    python -m training ctclip --preset demo|paper [--steps N] [--batch-size B] [--out DIR] [--cache DIR] [--resume]
+    python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
+    python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
+Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
+    --metadata-csv F [--fsdp]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ctclip(args) -> int:
+    from training.train_ctclip import TrainConfig, train
+    cfg = TrainConfig.demo() if args.preset == "demo" else TrainConfig.paper()
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                   "num_workers": args.num_workers}.items() if v is not None}
+    if args.time_budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    if args.fsdp:
+        overrides["fsdp"] = True
+    for name in ("data_root", "reports_csv", "metadata_csv"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
+    cfg = replace(cfg, **overrides)
+    if cfg.preset == "paper" and not (cfg.data_root and cfg.reports_csv and cfg.metadata_csv):
+        print("error: the paper preset needs --data-root, --reports-csv and --metadata-csv (CT-RATE).", file=sys.stderr)
+        return 2
+    out = Path(args.out or ROOT / "runs" / f"ctclip-{cfg.preset}")
+    summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def _ctclip_eval(args) -> int:
+    from training.eval_ctclip import evaluate
+    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out)
+    print(json.dumps({k: metrics[k] for k in ("zero_shot_macro_auroc", "recall_at_10", "map_at_10")
+                      if k in metrics}))
+    return 0
+
+
+def _ctclip_export(args) -> int:
+    from training.train_ctclip import export_checkpoint
+    print(json.dumps(export_checkpoint(Path(args.run), Path(args.out))))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("ctclip", help="train the CT CLIP")
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--time-budget-min", type=float,
+                   help="stop after this many minutes of training, the lr schedule finishing on time (shared CPUs)")
+    p.add_argument("--out", help="run directory (default runs/ctclip-PRESET)")
+    p.add_argument("--cache", help="phantom cache directory (demo; default cache/ctclip-demo)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP (paper preset, several GPUs)")
+    p.add_argument("--data-root", help="CT-RATE dataset root holding train/ and valid/ (paper)")
+    p.add_argument("--reports-csv")
+    p.add_argument("--metadata-csv")
+    p.set_defaults(func=_ctclip)
+    e = sub.add_parser("ctclip-eval", help="evaluate a CT CLIP checkpoint on the held-out phantom test split")
+    e.add_argument("--checkpoint", default=str(ROOT / "assets" / "ctclip"))
+    e.add_argument("--cache", help="phantom cache directory (default cache/ctclip-demo)")
+    e.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
+    e.set_defaults(func=_ctclip_eval)
+    x = sub.add_parser("ctclip-export", help="copy a run's model to assets/ctclip (float16)")
+    x.add_argument("--run", default=str(ROOT / "runs" / "ctclip-demo"))
+    x.add_argument("--out", default=str(ROOT / "assets" / "ctclip"))
+    x.set_defaults(func=_ctclip_export)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

