@@ -307,6 +307,9 @@ def rasterize_tubes(grid: Grid, p0, p1, r0, r1, grow: float = 0.0):
     p1 = np.asarray(p1, np.float64).reshape(-1, 3)
     r0 = np.broadcast_to(np.asarray(r0, np.float64), (len(p0),))
     r1 = np.broadcast_to(np.asarray(r1, np.float64), (len(p0),))
+    if len(p0) == 0:  # nothing to draw (e.g. no node fits at a station of a small anatomy)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        return empty + (np.zeros(0, np.float32),) if grow else empty
     nz, ny, nx = grid.shape
     n = np.array([nx, ny, nz])
     org, sp, h = np.array(grid.origin), np.array(grid.spacing), grid.h

@@ -405,3 +405,9 @@ def test_make_study_with_report():
     pytest.importorskip("engine.report_writer")
     s = make_study(23, labels=["Lung nodule"], shape_zyx=(32, 64, 64))
     assert s.report is not None and "nodule" in s.report.text.lower()
+
+
+def test_seed_without_normal_lymph_nodes_renders():
+    """Regression: seed 1,000,234 (demo-0235) draws no normal node at any station; rendering must not fail."""
+    vol = render_phantom([], 1_000_234)
+    assert vol.array.shape == DEMO_SHAPE_ZYX and np.isfinite(vol.array).all()
