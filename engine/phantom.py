@@ -64,12 +64,13 @@ HU = {
 def load_label_table(path: str | Path | None = None) -> np.ndarray:
     """CT-RATE's label table as an (N, 18) uint8 0/1 array in CT-CLIP label order.
 
-    path None: shared/data/ctrate_labels/train_predicted_labels.csv if present, else the compact
-    assets/phantom/label_sets.json shipped with the project (unique label vectors + counts, expanded back to rows).
+    path None: the compact assets/phantom/label_sets.json shipped with the project (unique label vectors + counts of
+    train_predicted_labels.csv, expanded back to rows in code order), always, so the same seed draws the same label
+    set on every machine, with or without the CSV beside the project.
     A .csv path must have the 18 label columns; a .json path must be in build_label_sets_json's format.
     """
     if path is None:
-        path = LABEL_TABLE_CSV if LABEL_TABLE_CSV.is_file() else LABEL_SETS_JSON
+        path = LABEL_SETS_JSON
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The CT-RATE label table {path} does not exist.")
@@ -121,7 +122,7 @@ def sample_label_set(rng: np.random.Generator, table: np.ndarray | None = None) 
     """One row of CT-RATE's label table drawn uniformly (so label priors, co-occurrence and the share of normal
     studies are CT-RATE's); returns the positive label names in CT-CLIP order ([] for a normal study)."""
     if table is None:
-        table = _load_label_table_cached(str(LABEL_TABLE_CSV if LABEL_TABLE_CSV.is_file() else LABEL_SETS_JSON))
+        table = _load_label_table_cached(str(LABEL_SETS_JSON))
     row = table[int(rng.integers(len(table)))]
     return [LABELS[i] for i in np.flatnonzero(row)]
 
