@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -228,6 +229,9 @@ def main(argv=None) -> int:
         return _fail(str(err), 2, as_json)
     except KeyboardInterrupt:
         return _fail("Interrupted.", 130, as_json)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to tell anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:  # a bug, not bad input: still one sentence for the user
         if debug:
             raise
