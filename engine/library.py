@@ -103,6 +103,9 @@ class DemoLibrary:
     def __iter__(self):
         return iter(self.studies)
 
+    def __contains__(self, study_id: str) -> bool:
+        return study_id in self._by_id
+
     def get(self, study_id: str) -> LibraryStudy:
         try:
             return self._by_id[study_id]

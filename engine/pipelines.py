@@ -277,7 +277,7 @@ class StudyLibrary:
         """The volume of a search result: rendered (demo) or read from its file (user library)."""
         from engine.volume import read_ct
 
-        if result_id in self.demo._by_id:
+        if result_id in self.demo:
             return self.demo.volume(result_id)
         row = self.user_index.get(result_id)
         if row is None:
