@@ -888,6 +888,15 @@ def _resolve_grid(shape_zyx, spacing_xyz) -> Grid:
     return Grid(shape, spacing)
 
 
+def lobe_side(f: Finding) -> str:
+    """The lung a lobar finding lies in: from its lobe, else its side ('right' when neither says)."""
+    if f.lobe in RIGHT_LOBES:
+        return "right"
+    if f.lobe in LEFT_LOBES:
+        return "left"
+    return f.side or "right"
+
+
 def _finding_rng(seed: int, label: str, j: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), 1, LABEL_INDEX[label], int(j)]))
 
@@ -1349,7 +1358,7 @@ class _Scene:
 
     def atelectasis(self, f, rng):
         a, sev = self.a, SEV.get(f.severity, 1)
-        side = "right" if f.lobe in RIGHT_LOBES else ("left" if f.lobe in LEFT_LOBES else (f.side or "right"))
+        side = lobe_side(f)
         reg = self.region(side, f.lobe)
         if not reg.any():
             return
@@ -1410,7 +1419,7 @@ class _Scene:
 
     def consolidation(self, f, rng):
         sev = SEV.get(f.severity, 1)
-        side = "right" if f.lobe in RIGHT_LOBES else ("left" if f.lobe in LEFT_LOBES else (f.side or "right"))
+        side = lobe_side(f)
         reg = self.region(side, f.lobe)
         if not reg.any():
             reg = self.region(side, None)
@@ -1419,7 +1428,7 @@ class _Scene:
 
     def fibrosis(self, f, rng):
         sev = SEV.get(f.severity, 1)
-        side = "right" if f.lobe in RIGHT_LOBES else ("left" if f.lobe in LEFT_LOBES else (f.side or "right"))
+        side = lobe_side(f)
         reg = self.region(side, f.lobe)
         if not reg.any():
             reg = self.region(side, None)
