@@ -46,6 +46,10 @@ PAPER_BERT_CONFIG = dict(
 )
 _BERT_KEYS = tuple(PAPER_BERT_CONFIG)
 
+# HU thresholds of the demo CT-ViT's per-patch density input: below -950 = emphysema (LAA-950), lung, ground glass,
+# fat, fluid (0-20) vs soft tissue (35-55), calcification, bone/metal (ct-appearance values).
+DEMO_PATCH_HU_EDGES = (-950.0, -800.0, -500.0, -200.0, -50.0, 25.0, 100.0, 300.0, 950.0)
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -84,6 +88,8 @@ class CTCLIPConfig:
     codebook_size: int = 8192
     # modules present in CT-CLIP_v2.pt but unused at inference: CT-ViT decoder heads and the *_extra projections
     official_unused_modules: bool = True
+    # demo only: HU thresholds of the CT-ViT's per-patch density input (engine/ctvit.PatchDensityEmbedding); () = off
+    patch_hu_edges: tuple[float, ...] = ()
     # text tower
     text_model: str = PAPER_TEXT_MODEL  # pretrained text weights: local dir, hub id, or DEMO_TEXT_MODEL
     tokenizer_path: str | None = None  # tokenizer files (local dir or hub id); None -> text_model
@@ -103,7 +109,9 @@ class CTCLIPConfig:
         """Small CPU preset. No vector quantiser: CT-CLIP inherits it from the video VQ-autoencoder its CT-ViT came
         from; trained from scratch on little data, its EMA codebook uses few codes, snaps every token to one of them
         and passes only a straight-through gradient, which throws away detail a small model needs. No unused
-        official modules either (there is no official file to load into the demo)."""
+        official modules either (there is no official file to load into the demo). Two additions the official
+        model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES) and 512 report tokens (CT-RATE-style
+        reports run to about 350 MiniLM tokens; at 256 the lungs and the impression were cut off)."""
         path = minilm_path()
         bert = json.loads((Path(path) / "config.json").read_text())
         return cls(
@@ -121,16 +129,18 @@ class CTCLIPConfig:
             official_unused_modules=False,
             text_model=DEMO_TEXT_MODEL,
             text_config={k: bert[k] for k in _BERT_KEYS},
-            max_length=256,
+            max_length=512,
             latent_dim=256,
+            patch_hu_edges=DEMO_PATCH_HU_EDGES,
         )
 
     @classmethod
     def from_dict(cls, d: dict) -> "CTCLIPConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "input_shape" in d:
-            d["input_shape"] = tuple(d["input_shape"])
+        for key in ("input_shape", "patch_hu_edges"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     # derived shapes
@@ -163,6 +173,7 @@ class CTCLIPConfig:
             use_vq=self.use_vq,
             codebook_size=self.codebook_size,
             official_decoder_heads=self.official_unused_modules,
+            patch_hu_edges=tuple(self.patch_hu_edges),
         )
 
     def load_tokenizer(self):

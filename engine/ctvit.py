@@ -48,6 +48,10 @@ class CTViTConfig:
     codebook_size: int = 8192
     vq_decay: float = 0.8  # EMA decay of the codebook (train mode only)
     official_decoder_heads: bool = True  # keep the unused decoder-side modules of the official file (name compat)
+    # Demo-only: HU thresholds (in HU; the input is HU / hu_per_unit) whose per-patch "fraction of voxels above"
+    # is embedded and added to each token (PatchDensityEmbedding). () = off, as in the reference.
+    patch_hu_edges: tuple[float, ...] = ()
+    hu_per_unit: float = 1000.0  # CT-CLIP's input scaling: model unit = HU / 1000
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -278,6 +282,37 @@ class Patchify(nn.Module):
         return x.reshape(b, z // pt, y // p, xx // p, c * pt * p * p)
 
 
+class PatchDensityEmbedding(nn.Module):
+    """Per patch, the fraction of voxels above each HU threshold (a soft step, width `softness_hu`) -> Linear -> dim.
+
+    Written by hand because the patch embedding's LayerNorm over the patch's voxels removes each patch's mean and
+    spread: a patch inside a pleural effusion (0-20 HU) and one inside the heart (35-55 HU) become alike, and the
+    share of lung below -950 HU (how emphysema is quantified, "LAA-950") is gone. These fractions put the densities
+    back as a few numbers per token. Demo preset only; the official CT-CLIP has no such input."""
+
+    def __init__(self, edges_hu: tuple[float, ...], hu_per_unit: float, pt: int, p: int, dim: int,
+                 softness_hu: float = 10.0):
+        super().__init__()
+        self.edges = tuple(float(e) / hu_per_unit for e in edges_hu)  # model units; config, not state
+        self.softness = softness_hu / hu_per_unit
+        self.pt, self.p = pt, p
+        self.proj = nn.Linear(len(edges_hu), dim)
+
+    @torch.no_grad()
+    def fractions(self, volume: torch.Tensor) -> torch.Tensor:
+        """(b, 1, z, y, x) model units -> (b, t, h, w, n_edges): share of each patch's voxels above each edge."""
+        b, _, z, y, x = volume.shape
+        pt, p = self.pt, self.p
+        out = []
+        for edge in self.edges:  # one edge at a time bounds the memory to one volume-sized tensor
+            above = torch.sigmoid((volume[:, 0].float() - edge) / self.softness)
+            out.append(above.reshape(b, z // pt, pt, y // p, p, x // p, p).mean(dim=(2, 4, 6)))
+        return torch.stack(out, dim=-1)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.fractions(volume).to(self.proj.weight.dtype))
+
+
 class CTViT(nn.Module):
     """CT-ViT encoder. `forward(volume (b, c, z, y, x))` -> token grid (b, t, h, w, dim) (quantised if use_vq)."""
 
@@ -293,6 +328,8 @@ class CTViT(nn.Module):
                 nn.Identity(), nn.LayerNorm(first), nn.Linear(first, c.dim), nn.LayerNorm(c.dim)
             )
         self.to_patch_emb = PatchEmbedding(c.channels, c.temporal_patch_size, c.patch_size, c.dim)
+        self.patch_density_emb = PatchDensityEmbedding(tuple(c.patch_hu_edges), c.hu_per_unit, c.temporal_patch_size,
+                                                       c.patch_size, c.dim) if c.patch_hu_edges else None
         self.enc_spatial_transformer = Transformer(c.dim, c.spatial_depth, c.dim_head, c.heads, c.ff_mult)
         self.enc_temporal_transformer = Transformer(c.dim, c.temporal_depth, c.dim_head, c.heads, c.ff_mult)
         self.vq = VectorQuantizer(c.dim, c.codebook_size, c.vq_decay) if c.use_vq else None
@@ -330,7 +367,10 @@ class CTViT(nn.Module):
         Returns the token grid (b, t, h, w, dim) with t = z / temporal_patch, h = y / patch, w = x / patch,
         plus the codebook indices (b, t, h, w) when return_indices (requires use_vq)."""
         self.check_input(volume)
-        tokens = self.encode(self.to_patch_emb(volume))
+        tokens = self.to_patch_emb(volume)
+        if self.patch_density_emb is not None:
+            tokens = tokens + self.patch_density_emb(volume)
+        tokens = self.encode(tokens)
         if self.vq is None:
             if return_indices:
                 raise ValueError("return_indices needs use_vq=True")

@@ -59,10 +59,25 @@ def test_demo_config_is_explicit_and_small(demo_model):
     c = demo_model.config
     assert c.input_shape == (64, 128, 128) and c.grid == (8, 8, 8)
     assert c.use_vq is False and demo_model.visual_transformer.vq is None
-    assert c.text_dim == 384 and c.max_length == 256
+    assert c.text_dim == 384 and c.max_length == 512
     assert not hasattr(demo_model, "to_visual_latent_extra")
     assert demo_model.to_visual_latent.weight.shape == (c.latent_dim, 8 * 8 * c.vision_dim)
     assert sum(p.numel() for p in demo_model.parameters()) < 40e6
+
+
+def test_patch_density_input_counts_voxels_above_each_threshold():
+    """Half of every patch at -1000 HU (air), a quarter at 10 HU (fluid), a quarter at 45 HU (soft tissue)."""
+    from engine.ctvit import PatchDensityEmbedding
+    emb = PatchDensityEmbedding((-950.0, 25.0, 100.0), 1000.0, pt=4, p=8, dim=8)
+    row = torch.tensor([-1000.0] * 4 + [10.0] * 2 + [45.0] * 2)           # one patch width along x
+    hu = row.repeat(2).expand(2, 1, 8, 16, 16).clone()
+    frac = emb.fractions(hu / 1000.0)
+    assert frac.shape == (2, 2, 2, 2, 3)
+    torch.testing.assert_close(frac[..., 0], torch.full((2, 2, 2, 2), 0.5), atol=0.01, rtol=0)  # soft step
+    torch.testing.assert_close(frac[..., 1], torch.full((2, 2, 2, 2), 0.25), atol=0.03, rtol=0)  # soft step
+    assert frac[..., 2].max() < 0.01
+    # the official preset has no such input (its state dict must match CT-CLIP_v2.pt)
+    assert CTCLIPConfig.paper().patch_hu_edges == () and CTCLIPConfig.demo().patch_hu_edges
 
 
 def test_demo_forward_backward(demo_model):

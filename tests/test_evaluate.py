@@ -10,6 +10,7 @@ import pytest
 from engine.errors import UserError
 from engine.labels import LABELS
 from training.evaluate import (auroc, average_precision, bootstrap_ci, classification_at, label_iou, map_at_k,
+                               map_at_k_bounds,
                                recall_at_k, roc_points, top_left_threshold, write_metrics_json, zero_shot_metrics)
 
 # The 6-sample case used throughout: scores descending, labels 1 0 1 1 0 0.
@@ -229,3 +230,17 @@ def test_write_metrics_json(tmp_path):
     assert loaded["per"]["x"] == [None, 0.5]
     assert loaded["meta"]["n"] == 12 and loaded["meta"]["preset"] == "demo"
     assert "date" in loaded["meta"] and "git_commit" in loaded["meta"]
+
+
+def test_map_bounds_oracle_beats_every_embedding_and_normals_cap_it():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, (40, 6))
+    labels[:4] = 0                                               # 4 normal studies: 0 as queries, always
+    bounds = map_at_k_bounds(labels, ks=(1, 5, 10), n_random=5)
+    for _ in range(5):
+        got = map_at_k(rng.normal(size=(40, 8)), labels, ks=(1, 5, 10))
+        assert all(got[k] <= bounds["oracle"][k] + 1e-12 for k in got)
+    assert bounds["oracle"]["MAP@1"] <= 36 / 40                  # the 4 normal queries contribute nothing
+    assert bounds["random"]["MAP@10"] < bounds["oracle"]["MAP@10"]
+    identical = np.tile([1, 0, 1, 0, 0, 0], (10, 1))             # every study alike: the oracle is perfect
+    assert map_at_k_bounds(identical, ks=(5,), n_random=1)["oracle"]["MAP@5"] == pytest.approx(1.0)

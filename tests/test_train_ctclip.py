@@ -162,6 +162,39 @@ def test_frozen_text_prefix_is_exact():
     assert not any(p.requires_grad for p in model.text_transformer.embeddings.parameters())
 
 
+def test_cls_only_top_layer_is_exact():
+    """Training computes the top BERT layer for [CLS] alone; the latent must equal the full tower's."""
+    model = build_model(TrainConfig(preset="demo", text_max_length=64, model_overrides=tiny_overrides())).eval()
+    prefix = FrozenTextPrefix(model, n_frozen=4, max_length=64, cache=False)
+    texts = ["Right pleural effusion.", "Findings: Mild centrilobular emphysema in both upper lobes. Impression: ok",
+             "No pleural effusion was observed in either hemithorax."]
+    with torch.no_grad():
+        h, mask = prefix.hidden(texts)                                 # padded: the mask must be honoured
+        full = ContrastiveStep(model, prefix).encode_text_from_hidden(h, mask)
+        fast = ContrastiveStep(model, prefix, cls_only_top_layer=True).encode_text_from_hidden(h, mask)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_label_head_adds_a_supervised_term_that_reaches_both_towers(tiny_cache):
+    model = build_model(TrainConfig(preset="demo", text_max_length=64, model_overrides=tiny_overrides()))
+    ds = CTCLIPDataset(PhantomCache(tiny_cache), model_preprocessing(model.config), augment=False,
+                       paired_text=True, with_labels=True)
+    from training.train_ctclip import collate
+    volumes, texts, texts2, labels = collate([ds[i] for i in range(4)])
+    assert labels.shape == (4, len(LABELS)) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    assert labels.sum(1).tolist() == [float(len(ds.cache.records[i]["labels"])) for i in range(4)]
+    prefix = FrozenTextPrefix(model, n_frozen=5, max_length=64)
+    step = ContrastiveStep(model, prefix, cls_only_top_layer=True, n_labels=len(LABELS))
+    (a, b), (a2, b2) = prefix.hidden(texts), prefix.hidden(texts2)
+    plain, _ = step(volumes, a, b, a2, b2, text_text_weight=1.0)
+    supervised, _ = step(volumes, a, b, a2, b2, text_text_weight=1.0, labels=labels, label_loss_weight=1.0)
+    assert supervised.item() > plain.item() + 0.1                      # BCE of an untrained head is about ln 2
+    supervised.backward()
+    assert step.label_head.weight.grad.abs().sum() > 0
+    assert model.visual_transformer.to_patch_emb[2].weight.grad.abs().sum() > 0
+    assert model.text_transformer.encoder.layer[5].output.dense.weight.grad.abs().sum() > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +210,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cach
     cfg = replace(TrainConfig(**cfg_dict), steps=steps)
     model_cfg = build_model(cfg).config
     dataset = CTCLIPDataset(PhantomCache(Path(cache)), model_preprocessing(model_cfg), augment=True, seed=0,
-                            paired_text=cfg.text_text_weight > 0)
+                            paired_text=cfg.text_text_weight > 0, with_labels=cfg.label_loss_weight > 0)
     train(cfg, Path(out), resume=resume, progress=False, dataset=dataset)
     # every rank holds the same weights after the all-reduced steps
     sd = torch.load(Path(out) / "ckpt.pt", weights_only=False)["model"]
@@ -191,7 +224,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cach
 def test_ddp_two_cpu_processes_two_steps_and_resume(tiny_cache, tmp_path):
     cfg = TrainConfig(preset="demo", batch_size=2, lr=1e-3, steps=2, ckpt_every=1, ckpt_every_s=1e9, log_every=1,
                       text_max_length=48, frozen_text_layers=5, cache_text=True, amp=False, text_text_weight=1.0,
-                      center_heads=4, model_overrides=tiny_overrides())
+                      center_heads=4, cls_only_top_layer=True, label_loss_weight=1.0, model_overrides=tiny_overrides())
     from dataclasses import asdict
     out = tmp_path / "run"
     tmp_mp.spawn(_ddp_worker, args=(2, _free_port(), asdict(cfg), str(out), str(tiny_cache), 2, False), nprocs=2)
@@ -202,7 +235,7 @@ def test_ddp_two_cpu_processes_two_steps_and_resume(tiny_cache, tmp_path):
     before = ckpt["model"]
     # the DDP checkpoint resumes in a single process (same names: DDP's "module." prefix is not stored)
     dataset = CTCLIPDataset(PhantomCache(tiny_cache), model_preprocessing(build_model(cfg).config), augment=True,
-                            seed=0, paired_text=True)
+                            seed=0, paired_text=True, with_labels=True)
     train(replace(cfg, steps=3), out, resume=True, progress=False, dataset=dataset)
     after = torch.load(out / "ckpt.pt", weights_only=False)
     assert after["step"] == 3

@@ -273,7 +273,8 @@ class TextMix:
 
 
 class CTCLIPDataset(torch.utils.data.Dataset):
-    """(volume (1, z, y, x) float32 in model units, text) pairs from a PhantomCache.
+    """(volume (1, z, y, x) float32 in model units, text[, second text][, labels (18,) 0/1 float]) from a
+    PhantomCache.
 
     Text and augmentation are drawn from rng([seed, epoch, i]): deterministic given the epoch, so a resumed run
     sees the same stream. `augment` shifts by up to `max_shift` voxels per axis (air fill) and adds intensity noise.
@@ -281,8 +282,10 @@ class CTCLIPDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: PhantomCache, preset, augment: bool = True, seed: int = 0,
                  text_mix: TextMix = TextMix(), max_shift: tuple[int, int, int] = (2, 4, 4), noise_hu: float = 15.0,
-                 paired_text: bool = False):
+                 paired_text: bool = False, with_labels: bool = False):
         self.cache, self.preset, self.augment, self.seed, self.paired_text = cache, preset, augment, seed, paired_text
+        self.with_labels = with_labels
+        self.label_matrix = torch.from_numpy(cache.label_matrix()).float() if with_labels else None
         self.text_mix, self.max_shift, self.noise_hu = text_mix, max_shift, noise_hu
         self.epoch = 0
 
@@ -327,7 +330,10 @@ class CTCLIPDataset(torch.utils.data.Dataset):
             hu = self.augment_hu(hu, rng)
         kind = self._kind(i, rng)
         x = hu_to_model(hu, self.cache.spacing_xyz, self.preset)
+        item = (x, self.cache.records[i][kind])
         if self.paired_text:
-            return x, self.cache.records[i][kind], self.second_text(i, kind, rng)
-        return x, self.cache.records[i][kind]
+            item += (self.second_text(i, kind, rng),)
+        if self.with_labels:
+            item += (self.label_matrix[i],)
+        return item
 

@@ -61,7 +61,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     """Encode the test split with the checkpoint and return (and write to CHECKPOINT/metrics.json) the metrics."""
     from engine.ctclip import CTCLIP
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
-    from training.evaluate import bootstrap_ci, map_at_k, recall_at_k, write_metrics_json, zero_shot_metrics
+    from training.evaluate import (bootstrap_ci, map_at_k, map_at_k_bounds, recall_at_k, write_metrics_json,
+                                   zero_shot_metrics)
     from training.train_ctclip import model_preprocessing
 
     t0 = time.time()
@@ -110,6 +111,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         "report_to_volume": r_report,
         "query_to_volume": r_query,
         "volume_to_volume": maps,
+        "volume_to_volume_bounds": map_at_k_bounds(labels),   # oracle (true label IoU) and random embeddings
         "ci95": {k: {"point": v[0], "lo": v[1], "hi": v[2]} for k, v in ci.items()},
         "targets": {"zero_shot_macro_auroc": 0.90, "report_to_volume_R@10": 0.30, "volume_to_volume_MAP@10": 0.70},
         "n": len(ids),

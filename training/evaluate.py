@@ -368,6 +368,22 @@ def _to_json(value, digits: int):
     return str(value)
 
 
+def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int = 20, seed: int = 0,
+                    abnormal_gallery_only: bool = True) -> dict:
+    """What MAP@K can be on this label set: "oracle" ranks the candidates by their true label IoU with the query
+    (no embedding can do better, since MAP@K averages exactly that IoU over the top K), "random" is the mean over
+    `n_random` random 64-d embeddings. A study without any label scores 0 as a query whatever the model does
+    (every candidate is abnormal), so the oracle stays well below 1 when the labels are diverse.
+    Returns {"oracle": {"MAP@K": ...}, "random": {...}}."""
+    y = np.asarray(labels).astype(bool)
+    oracle = map_at_k(label_iou(y[:, None, :], y[None, :, :]), y, ks, is_similarity=True,
+                      abnormal_gallery_only=abnormal_gallery_only)
+    rng = np.random.default_rng(seed)
+    draws = [map_at_k(rng.standard_normal((len(y), 64)), y, ks, abnormal_gallery_only=abnormal_gallery_only)
+             for _ in range(n_random)]
+    return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
+
+
 def write_metrics_json(path, metrics: dict, *, n: int | None = None, digits: int = 4, **meta) -> dict:
     """Write `metrics` as JSON (NaN -> null, floats rounded to `digits`) with a "meta" block
     {n, date (UTC ISO 8601), git_commit (or null), **meta}. Atomic (temp file + rename). Returns what was written."""

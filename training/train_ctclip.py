@@ -63,6 +63,8 @@ class TrainConfig:
     text_lr_mult: float = 1.0                # lr multiplier of the pretrained (unfrozen) text layers
     text_text_weight: float = 0.0           # > 0: + w * InfoNCE(text, another text of the same study) (demo)
     center_heads: int = 0                    # > 0: mean-removing init of both latent heads from this many studies
+    cls_only_top_layer: bool = False         # compute the top BERT layer for [CLS] only (exact; demo speed)
+    label_loss_weight: float = 0.0           # > 0: + w * BCE(linear label head on the image and text latents) (demo)
     # model overrides (CTCLIPConfig field -> value)
     model_overrides: dict = field(default_factory=dict)
     # data (demo): phantom cache sizes
@@ -76,10 +78,11 @@ class TrainConfig:
     @classmethod
     def demo(cls) -> "TrainConfig":
         """The CPU recipe (docs/training.md explains each number; measured on this 2-core machine)."""
-        return cls(preset="demo", steps=2000, time_budget_s=59 * 60, batch_size=16, lr=3e-4, betas=(0.9, 0.98),
+        return cls(preset="demo", steps=2000, time_budget_s=85 * 60, batch_size=16, lr=3e-4, betas=(0.9, 0.98),
                    weight_decay=0.01, warmup_steps=50, schedule="cosine", grad_clip=1.0, amp=False, ckpt_every=100, ckpt_every_s=240,
-                   log_every=10, text_max_length=256, frozen_text_layers=4, cache_text=True, text_lr_mult=1.0,
-                   n_train_generated=500, n_train_real=800, center_heads=64, text_text_weight=1.0,
+                   log_every=10, text_max_length=512, frozen_text_layers=5, cache_text=True, text_lr_mult=1.0,
+                   cls_only_top_layer=True, label_loss_weight=1.0,
+                   n_train_generated=2000, n_train_real=800, center_heads=64, text_text_weight=1.0,
                    # CLIP's 1/0.07 logit scale from the start: with ~1k steps the scale cannot grow from CT-CLIP's e
                    model_overrides={"temperature_init": math.log(1 / 0.07)})
 
@@ -193,27 +196,61 @@ def _layer(layer, h, ext_mask):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def cls_only_layer(layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A BertLayer's output at the [CLS] position only: (B, T, d) hidden states, (B, T) 0/1 mask -> (B, 1, d).
+
+    Exact (the [CLS] row of a BERT layer depends on the other tokens only through its attention's keys and values),
+    and about 1/6 of the layer's work at 400 tokens. By hand because transformers computes every position."""
+    att = layer.attention.self
+    b, t, _ = h.shape
+    heads, size = att.num_attention_heads, att.attention_head_size
+
+    def split(x):
+        return x.view(b, -1, heads, size).transpose(1, 2)
+    q = split(att.query(h[:, :1]))
+    k, v = split(att.key(h)), split(att.value(h))
+    bias = torch.zeros(b, 1, 1, t, dtype=h.dtype, device=h.device).masked_fill(~mask.bool()[:, None, None, :],
+                                                                               torch.finfo(h.dtype).min)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
+    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
+    x = layer.attention.output(ctx, h[:, :1])                          # dense + dropout + LayerNorm(+ residual)
+    return layer.output(layer.intermediate(x), x)
+
+
 class ContrastiveStep(nn.Module):
     """The module DDP/FSDP wraps: (volumes, text inputs) -> (loss, logits_i2t). With a FrozenTextPrefix the text
-    input is the cached hidden state after the frozen layers; otherwise token ids."""
+    input is the cached hidden state after the frozen layers; otherwise token ids. With n_labels a linear label
+    head (latent -> 18 logits, shared by the image and text latents) adds a supervised term (demo recipe)."""
 
-    def __init__(self, model, prefix: FrozenTextPrefix | None = None):
+    def __init__(self, model, prefix: FrozenTextPrefix | None = None, cls_only_top_layer: bool = False,
+                 n_labels: int = 0):
         super().__init__()
         self.model, self.prefix_layers = model, (prefix.n_frozen if prefix else 0)
+        self.cls_only_top_layer = cls_only_top_layer
+        self.label_head = nn.Linear(model.config.latent_dim, n_labels) if n_labels else None
 
     def encode_text_from_hidden(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bert = text_tower(self.model)
+        layers = bert.encoder.layer[self.prefix_layers:]
+        if self.cls_only_top_layer and len(layers):
+            layers, top = layers[:-1], layers[-1]
+        else:
+            top = None
         ext = _bert_mask(bert, h, mask)
-        for layer in bert.encoder.layer[self.prefix_layers:]:
+        for layer in layers:
             h = _layer(layer, h, ext)
+        if top is not None:
+            h = cls_only_layer(top, h, mask)
         return F.normalize(self.model.to_text_latent(h[:, 0]), dim=-1)      # [CLS], as CTCLIP.encode_text
 
     def encode_text(self, a, b):
         return self.encode_text_from_hidden(a, b) if self.prefix_layers else self.model.encode_text(a, b)
 
-    def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0):
+    def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0,
+                labels=None, label_loss_weight: float = 0.0):
         """Symmetric InfoNCE image <-> text; with a second text per study (text2) also
-        + text_text_weight * symmetric InfoNCE text <-> text2 (same logit scale)."""
+        + text_text_weight * symmetric InfoNCE text <-> text2 (same logit scale); with labels (B, 18) 0/1 also
+        + label_loss_weight * mean BCE of the label head on each latent (image, text[, text2])."""
         image = self.model.encode_image(volumes)
         n = image.shape[0]
         if text2_a is not None:   # one pass through the text layers for both texts
@@ -225,6 +262,11 @@ class ContrastiveStep(nn.Module):
         loss = symmetric_infonce(logits)
         if text2_a is not None and text_text_weight:
             loss = loss + text_text_weight * symmetric_infonce(scale * text @ text2.t())
+        if labels is not None and label_loss_weight and self.label_head is not None:
+            latents = [image, text] + ([text2] if text2_a is not None else [])
+            target = labels.to(image.dtype)
+            bce = [F.binary_cross_entropy_with_logits(self.label_head(z), target) for z in latents]
+            loss = loss + label_loss_weight * torch.stack(bce).mean()
         return loss, logits.detach()
 
 
@@ -328,8 +370,10 @@ class EpochIndexed(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """[(tensor (1, z, y, x), text[, text2])] -> ((B, 1, z, y, x), [text][, [text2]])."""
-    return (torch.stack([b[0] for b in batch]), *[[b[k] for b in batch] for k in range(1, len(batch[0]))])
+    """[(tensor (1, z, y, x), text[, text2][, labels (18,)])] -> ((B, 1, z, y, x), [text][, [text2]][, (B, 18)]):
+    tensors are stacked, texts kept as lists."""
+    return tuple(torch.stack(column) if isinstance(column[0], torch.Tensor) else list(column)
+                 for column in zip(*batch))
 
 
 # ------------------------------------------------------------------------------------------------- head init
@@ -501,7 +545,9 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
         if d.main:
             print(f"centred latent heads: {stats}", flush=True)
-    inner = ContrastiveStep(model, prefix).to(d.device)
+    from engine.labels import LABELS
+    inner = ContrastiveStep(model, prefix, cls_only_top_layer=cfg.cls_only_top_layer and prefix is not None,
+                            n_labels=len(LABELS) if cfg.label_loss_weight else 0).to(d.device)
     wrapped = inner
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -511,8 +557,11 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     elif d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(inner, device_ids=[d.device.index] if d.device.type == "cuda"
                                                       else None)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
-        else torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
+    groups = param_groups(model, cfg)
+    if inner.label_head is not None:
+        groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
+        else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
     ckpt_path = out_dir / "ckpt.pt"
     step, elapsed_before = 0, 0.0
@@ -541,10 +590,11 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
             a, b = tok["input_ids"], tok["attention_mask"]
         return a.to(d.device), b.to(d.device)
 
-    for volumes, texts, *second in loader:
+    for volumes, texts, *rest in loader:
         volumes = volumes.to(d.device, non_blocking=True)
+        labels = rest.pop().to(d.device) if rest and isinstance(rest[-1], torch.Tensor) else None
         text_a, text_b = text_inputs(texts)
-        text2 = text_inputs(second[0]) if second and cfg.text_text_weight else (None, None)
+        text2 = text_inputs(rest[0]) if rest and cfg.text_text_weight else (None, None)
         elapsed = elapsed_before + time.time() - t0
         if d.world > 1 and cfg.time_budget_s > 0:   # ranks must agree on the schedule and on when to stop
             e = torch.tensor([elapsed], dtype=torch.float64)
@@ -557,7 +607,8 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         with autocast:
-            loss, logits = wrapped(volumes, text_a, text_b, *text2, text_text_weight=cfg.text_text_weight)
+            loss, logits = wrapped(volumes, text_a, text_b, *text2, text_text_weight=cfg.text_text_weight,
+                                   labels=labels, label_loss_weight=cfg.label_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip) \
@@ -629,7 +680,7 @@ def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, pro
             dist.barrier()
         from training.ctclip_data import PhantomCache
         return CTCLIPDataset(PhantomCache(cache_root / "train"), preset, augment=True, seed=cfg.seed,
-                             paired_text=cfg.text_text_weight > 0)
+                             paired_text=cfg.text_text_weight > 0, with_labels=cfg.label_loss_weight > 0)
     from training.ctrate import CTRATEDataset
     return CTRATEDataset(Path(cfg.data_root), Path(cfg.reports_csv), Path(cfg.metadata_csv), preset=preset)
 
@@ -661,7 +712,8 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
     ckpt = run_dir / "ckpt.pt"
     if ckpt.exists():     # the float32 weights of the same step (RUN/model is already float16)
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
+                               if k.startswith("model.")}, strict=True)     # not the training-only label head
     with tempfile.TemporaryDirectory() as tmp:
         full = model.save_pretrained(Path(tmp) / "full", half=True)
         size_mb = _dir_mb(full)
