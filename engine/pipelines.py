@@ -76,10 +76,11 @@ class SearchResult:
 class CTClipPipeline:
     """The CT CLIP trunk with its preprocessing. Thread-compatible for inference (no state changes after loading)."""
 
-    def __init__(self, model, preprocessing, model_id: str):
+    def __init__(self, model, preprocessing, model_id: str, directory: Path | None = None):
         self.model = model.eval()
         self.preprocessing = preprocessing
         self.model_id = model_id
+        self.directory = directory  # the checkpoint folder (its metrics.json gives the zero-shot thresholds)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -105,7 +106,7 @@ class CTClipPipeline:
             pre = Preprocessing.ctclip()
         else:
             raise UserError(f"Unknown preset {preset!r}: use 'demo' or 'paper'.")
-        return cls(model, pre, _model_id(Path(directory)))
+        return cls(model, pre, _model_id(Path(directory)), Path(directory))
 
     # ----------------------------------------------------------------------------------------------- encoding
     def preprocess(self, volume: Volume) -> tuple[Volume, torch.Tensor]:
@@ -154,6 +155,21 @@ class CTClipPipeline:
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         return {label: float(p) for label, p in zip(LABELS, probs[:, 0])}
+
+    @cached_property
+    def zero_shot_thresholds(self) -> dict[str, float]:
+        """Per-label decision thresholds on P(present), chosen on the held-out test split by CT-CLIP's rule (the
+        ROC point closest to the top-left corner), from the checkpoint's metrics.json; {} when it has none.
+        P(present) is a softmax over two prompts, so 0.5 is not the line between present and absent."""
+        path = self.directory / "metrics.json" if self.directory else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            per_label = json.loads(path.read_text())["zero_shot"]["per_label"]
+            return {label: float(per_label[label]["threshold"]) for label in LABELS
+                    if per_label.get(label, {}).get("threshold") is not None}
+        except (ValueError, KeyError, TypeError):
+            return {}
 
     def zero_shot(self, volume: Volume) -> dict[str, float]:
         return self.zero_shot_from_latent(self.embed_volume(volume))

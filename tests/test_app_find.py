@@ -26,6 +26,27 @@ def test_zero_shot_figure_has_one_bar_per_label_coloured_by_the_report():
     assert len(unknown.data) == 1 and len(unknown.data[0].x) == len(LABELS) and not unknown.layout.showlegend
 
 
+def test_zero_shot_figure_marks_each_labels_threshold():
+    probs = {label: 0.6 for label in LABELS}
+    thresholds = {label: 0.4 + i / 100 for i, label in enumerate(LABELS[:10])}   # 8 labels without one
+    fig = zero_shot_figure(probs, thresholds=thresholds)
+    ticks = [trace for trace in fig.data if trace.name == "decision threshold"]
+    assert len(ticks) == 1 and dict(zip(ticks[0].y, ticks[0].x)) == thresholds
+    assert fig.layout.showlegend
+
+
+def test_pipeline_reads_the_thresholds_of_its_checkpoint(tmp_path):
+    import json
+    from engine.pipelines import CTClipPipeline
+    pipe = CTClipPipeline.__new__(CTClipPipeline)
+    pipe.directory = tmp_path
+    assert pipe.zero_shot_thresholds == {}                        # no metrics.json: no ticks, no error
+    per_label = {label: {"threshold": 0.5 + i / 100} for i, label in enumerate(LABELS)}
+    (tmp_path / "metrics.json").write_text(json.dumps({"zero_shot": {"per_label": per_label}}))
+    del pipe.zero_shot_thresholds                                 # cached_property: read again
+    assert pipe.zero_shot_thresholds == {label: per_label[label]["threshold"] for label in LABELS}
+
+
 def test_results_table_and_report_of_demo_studies():
     demo = DemoLibrary.load()
     library = SimpleNamespace(demo=demo)

@@ -266,3 +266,27 @@ def test_eval_writes_metrics(tmp_path):
     p = zero_shot_probs(img, pos, neg, scale=10.0)
     want = 1 / (1 + torch.exp(-10.0 * (img @ pos.t() - img @ neg.t())))
     np.testing.assert_allclose(p, want.numpy(), rtol=1e-5)
+
+
+def test_export_leaves_the_frozen_text_layers_to_the_text_package(tmp_path):
+    """ctclip-export drops the pretrained MiniLM tensors the run froze; loading restores them bit for bit."""
+    from engine.ctclip import CTCLIP
+    from training.train_ctclip import export_checkpoint
+    cfg = TrainConfig(preset="demo", text_max_length=48, frozen_text_layers=5, model_overrides=tiny_overrides())
+    run = tmp_path / "run"
+    model = build_model(cfg)
+    model.save_pretrained(run / "model")                               # float16, as training writes it
+    torch.save({"model": {f"model.{k}": v for k, v in model.state_dict().items()}, "step": 0}, run / "ckpt.pt")
+    from dataclasses import asdict
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg)))
+    out = export_checkpoint(run, tmp_path / "asset", max_mb=0.0)
+    assert out["compact"] is True
+    full_mb = (run / "model" / "model.safetensors").stat().st_size / 1e6
+    assert out["mb"] < full_mb / 2                                    # the MiniLM prefix is most of the file
+    loaded = CTCLIP.from_pretrained(tmp_path / "asset")
+    assert loaded.config.pretrained_text_tensors
+    want = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        expected = want[name].half().float() if (want[name].ndim >= 2 and name not in
+                                                  loaded.config.pretrained_text_tensors) else want[name]
+        assert torch.equal(tensor, expected), name
