@@ -26,6 +26,9 @@ PRESENT_COLOUR = "#e4572e"    # a label the study's report states (Library, Find
 ABSENT_COLOUR = "#9db4cc"     # a label the report does not state
 UNKNOWN_COLOUR = "#0284c7"    # an uploaded CT: no report to compare with
 WAITING = "Reading the CT's findings…"
+DEMO_ON_REAL_CT = ("The demo CT CLIP learned from simulated phantom CTs, so on a real scan these bars are not "
+                   "calibrated; for CT-CLIP's own reading run "
+                   "`python app.py --preset paper --weights DIR`.")
 
 
 # --------------------------------------------------------------------------------------------------- the models
@@ -161,6 +164,8 @@ def read_findings(models: CTClipModels, volume, truth: dict | None = None):
     except UserError as err:
         return gr.Markdown(str(err), visible=True), gr.Plot(value=None, visible=False)
     figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds)
+    if truth is None and models.preset == "demo":   # the user's own CT: say what the demo model can and cannot read
+        return gr.Markdown(DEMO_ON_REAL_CT, visible=True), gr.Plot(value=figure, visible=True)
     return gr.Markdown("", visible=False), gr.Plot(value=figure, visible=True)
 
 

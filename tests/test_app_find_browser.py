@@ -217,4 +217,6 @@ def test_find_cts_heat_map_and_zero_shot_in_the_browser(page, shots, lung1_path)
     upload_tab.locator(".block.ct-upload input[type=file]").set_input_files(str(lung1_path))
     open_panel = upload_tab.locator(".block.zeroshot-plot")
     assert sorted(_bars(open_panel)) == sorted(LABELS)
+    # a real CT read by the phantom-trained demo model: the panel says the bars are not calibrated
+    assert "not calibrated" in upload_tab.locator(".block.zeroshot-note").inner_text()
     page.screenshot(path=str(shots / "find_5_open_zero_shot.png"), full_page=True)

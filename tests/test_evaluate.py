@@ -244,3 +244,20 @@ def test_map_bounds_oracle_beats_every_embedding_and_normals_cap_it():
     assert bounds["random"]["MAP@10"] < bounds["oracle"]["MAP@10"]
     identical = np.tile([1, 0, 1, 0, 0, 0], (10, 1))             # every study alike: the oracle is perfect
     assert map_at_k_bounds(identical, ks=(5,), n_random=1)["oracle"]["MAP@5"] == pytest.approx(1.0)
+
+
+def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
+    from training.evaluate import linear_probe_auroc
+    rng = np.random.default_rng(0)
+    labels = rng.random((300, 3)) < 0.3
+    noise = rng.standard_normal((300, 6))
+    features = noise.copy()
+    features[:, 0] += 3.0 * labels[:, 0]              # label 0 shifts one feature: separable
+    features[:, 1] += 0.7 * labels[:, 1]              # label 1 weakly; label 2 not at all
+    out = linear_probe_auroc(features, labels, names=("a", "b", "c"))
+    assert out["per_label"]["a"] > 0.97
+    assert 0.6 < out["per_label"]["b"] < 0.85
+    assert abs(out["per_label"]["c"] - 0.5) < 0.12     # cross-validated: no fitting of noise
+    assert out["macro"] == pytest.approx(np.mean(list(out["per_label"].values())))
+    with pytest.raises(UserError):
+        linear_probe_auroc(features, labels)           # 3 label columns, 18 names

@@ -290,3 +290,23 @@ def test_export_leaves_the_frozen_text_layers_to_the_text_package(tmp_path):
         expected = want[name].half().float() if (want[name].ndim >= 2 and name not in
                                                   loaded.config.pretrained_text_tensors) else want[name]
         assert torch.equal(tensor, expected), name
+
+
+def test_init_from_copies_a_saved_model_and_refuses_another_architecture(tmp_path):
+    """--init-from (continued training) starts from every tensor of a saved CT CLIP; another shape is one error."""
+    from engine.errors import UserError
+    from training.train_ctclip import init_from_checkpoint
+    cfg = TrainConfig(preset="demo", text_max_length=48, model_overrides=tiny_overrides())
+    saved = build_model(cfg)
+    saved.save_pretrained(tmp_path / "saved")                           # float16 on disk
+    fresh = build_model(cfg)
+    name = "visual_transformer.to_patch_emb.2.weight"                  # the patch Linear: random at build
+    assert not torch.equal(fresh.state_dict()[name], saved.state_dict()[name].half().float())
+    init_from_checkpoint(fresh, tmp_path / "saved")
+    for key, tensor in fresh.state_dict().items():
+        want = saved.state_dict()[key]
+        assert torch.allclose(tensor, want.float(), atol=2e-3, rtol=1e-3), key     # up to the float16 rounding
+    other = build_model(TrainConfig(preset="demo", text_max_length=48,
+                                    model_overrides={**tiny_overrides(), "vision_dim": 48}))
+    with pytest.raises(UserError, match="another architecture"):
+        init_from_checkpoint(other, tmp_path / "saved")

@@ -1,6 +1,7 @@
 """`python -m training STAGE ...`: reproduce the project's checkpoints.
 
     python -m training ctclip --preset demo|paper [--steps N] [--batch-size B] [--out DIR] [--cache DIR] [--resume]
+                              [--init-from CHECKPOINT_DIR] [--seed S]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
@@ -21,12 +22,12 @@ def _ctclip(args) -> int:
     from training.train_ctclip import TrainConfig, train
     cfg = TrainConfig.demo() if args.preset == "demo" else TrainConfig.paper()
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                   "num_workers": args.num_workers}.items() if v is not None}
+                                   "num_workers": args.num_workers, "seed": args.seed}.items() if v is not None}
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.fsdp:
         overrides["fsdp"] = True
-    for name in ("data_root", "reports_csv", "metadata_csv"):
+    for name in ("data_root", "reports_csv", "metadata_csv", "init_from"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
     cfg = replace(cfg, **overrides)
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="run directory (default runs/ctclip-PRESET)")
     p.add_argument("--cache", help="phantom cache directory (demo; default cache/ctclip-demo)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--init-from", help="start from this CT CLIP directory (e.g. assets/ctclip) instead of scratch; "
+                   "a fresh lr schedule (continued training)")
+    p.add_argument("--seed", type=int, help="seed of the data order, augmentation and text draws")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (paper preset, several GPUs)")
     p.add_argument("--data-root", help="CT-RATE dataset root holding train/ and valid/ (paper)")
     p.add_argument("--reports-csv")

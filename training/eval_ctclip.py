@@ -61,8 +61,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     """Encode the test split with the checkpoint and return (and write to CHECKPOINT/metrics.json) the metrics."""
     from engine.ctclip import CTCLIP
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
-    from training.evaluate import (bootstrap_ci, map_at_k, map_at_k_bounds, recall_at_k, write_metrics_json,
-                                   zero_shot_metrics)
+    from training.evaluate import (bootstrap_ci, linear_probe_auroc, map_at_k, map_at_k_bounds, recall_at_k,
+                                   write_metrics_json, zero_shot_metrics)
     from training.train_ctclip import model_preprocessing
 
     t0 = time.time()
@@ -112,6 +112,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         "query_to_volume": r_query,
         "volume_to_volume": maps,
         "volume_to_volume_bounds": map_at_k_bounds(labels),   # oracle (true label IoU) and random embeddings
+        # what the image latents carry per label (5-fold logistic regression): the ceiling of a linear zero-shot
+        "image_linear_probe_auroc": linear_probe_auroc(image_np, labels),
         "ci95": {k: {"point": v[0], "lo": v[1], "hi": v[2]} for k, v in ci.items()},
         "targets": {"zero_shot_macro_auroc": 0.90, "report_to_volume_R@10": 0.30, "volume_to_volume_MAP@10": 0.70},
         "n": len(ids),

@@ -13,6 +13,9 @@ What each function reproduces (definitions read from the public CT-CLIP code; it
   (the reference counts the query as its own best match and never resets its accumulator between K values).
 - `bootstrap_ci`: percentile confidence interval by resampling cases with replacement (the reference's bootstrap
   script forgets to apply its resampled indices).
+- `linear_probe_auroc`: how much of each label an embedding carries, whatever the text side does: a logistic
+  regression per label on the (standardised) image latents, k-fold cross-validated, scored by AUROC. The zero-shot
+  AUROC can approach it only as far as the prompts' embeddings line up with those label directions.
 - `write_metrics_json`: the metrics.json written next to each shipped checkpoint.
 
 AUROC and average precision are computed here with numpy rather than scikit-learn (not a pinned dependency):
@@ -382,6 +385,45 @@ def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int
     draws = [map_at_k(rng.standard_normal((len(y), 64)), y, ks, abnormal_gallery_only=abnormal_gallery_only)
              for _ in range(n_random)]
     return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
+
+
+def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, folds: int = 5, l2: float = 1.0,
+                       seed: int = 0) -> dict:
+    """Per-label AUROC of an L2-regularised logistic regression on `features` (N, D), `folds`-fold cross-validated
+    (every case scored by a model that did not see it). Returns {"per_label": {name: auroc}, "macro": mean}.
+    Written with torch's L-BFGS because scikit-learn is not a pinned dependency; the objective is the usual mean
+    log-loss + l2 / (2 N) * |w|^2 on features standardised with the training fold's mean and spread."""
+    import torch
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = np.asarray(labels).astype(bool)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or y.shape[1] != len(names):
+        raise UserError(f"linear_probe_auroc needs features (N, D) and labels (N, {len(names)}), "
+                        f"got {tuple(x.shape)} and {y.shape}.")
+    fold_of = np.random.default_rng(seed).permutation(len(x)) % folds
+    scores = np.zeros(y.shape)
+    for f in range(folds):
+        train, test = fold_of != f, fold_of == f
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-8
+        xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
+        for j in range(y.shape[1]):
+            t = torch.as_tensor(y[train, j], dtype=torch.float64)
+            w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                logits = xtr @ w[:-1] + w[-1]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, t) \
+                    + l2 / (2 * len(t)) * (w[:-1] ** 2).sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            scores[test, j] = (xte @ w[:-1] + w[-1]).detach().numpy()
+    per_label = {}
+    for j, name in enumerate(names):
+        per_label[name] = auroc(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan")
+    valid = [v for v in per_label.values() if not math.isnan(v)]
+    return {"per_label": per_label, "macro": float(np.mean(valid)) if valid else float("nan")}
 
 
 def write_metrics_json(path, metrics: dict, *, n: int | None = None, digits: int = 4, **meta) -> dict:

@@ -65,6 +65,7 @@ class TrainConfig:
     center_heads: int = 0                    # > 0: mean-removing init of both latent heads from this many studies
     cls_only_top_layer: bool = False         # compute the top BERT layer for [CLS] only (exact; demo speed)
     label_loss_weight: float = 0.0           # > 0: + w * BCE(linear label head on the image and text latents) (demo)
+    init_from: str = ""                      # a CT CLIP directory (config.json + model.safetensors) to continue from
     # model overrides (CTCLIPConfig field -> value)
     model_overrides: dict = field(default_factory=dict)
     # data (demo): phantom cache sizes
@@ -509,6 +510,20 @@ def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
 
 
+def init_from_checkpoint(model, directory: Path) -> None:
+    """Continued training: copy every tensor of a saved CT CLIP (e.g. assets/ctclip) into the fresh model. The two
+    must share the architecture; a mismatch is one clear error, not a half-loaded model."""
+    from engine.ctclip import CTCLIP
+    from engine.errors import UserError
+    saved = CTCLIP.from_pretrained(directory).state_dict()
+    own = model.state_dict()
+    mismatched = sorted(set(saved) ^ set(own)) + [k for k in saved if k in own and saved[k].shape != own[k].shape]
+    if mismatched:
+        raise UserError(f"'{directory}' is another architecture than this preset ({len(mismatched)} tensors differ, "
+                        f"e.g. {mismatched[0]}).")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()})
+
+
 def param_groups(model, cfg: TrainConfig):
     """Pretrained text layers get lr * text_lr_mult; everything else (trained from scratch) lr. No decay on
     biases, norms and the temperature."""
@@ -534,6 +549,9 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     model = build_model(cfg)
+    fresh = not (resume and (out_dir / "ckpt.pt").exists())
+    if cfg.init_from and fresh:
+        init_from_checkpoint(model, Path(cfg.init_from))
     preset = model_preprocessing(model.config)
     if dataset is None:
         dataset = make_dataset(cfg, preset, cache_root, d, progress)
@@ -541,7 +559,7 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     freeze_unused(model)
     prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
         if cfg.frozen_text_layers else None
-    if cfg.center_heads and not (resume and (out_dir / "ckpt.pt").exists()):
+    if cfg.center_heads and fresh and not cfg.init_from:
         stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
         if d.main:
             print(f"centred latent heads: {stats}", flush=True)
