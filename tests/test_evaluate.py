@@ -259,5 +259,9 @@ def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
     assert 0.6 < out["per_label"]["b"] < 0.85
     assert abs(out["per_label"]["c"] - 0.5) < 0.12     # cross-validated: no fitting of noise
     assert out["macro"] == pytest.approx(np.mean(list(out["per_label"].values())))
+    # fitted on one set, scored on another (held out): the same answers
+    held = linear_probe_auroc(features[:100], labels[:100], names=("a", "b", "c"),
+                              fit_features=features[100:], fit_labels=labels[100:])
+    assert held["fitted_on"] == 200 and held["per_label"]["a"] > 0.97 and abs(held["per_label"]["c"] - 0.5) < 0.15
     with pytest.raises(UserError):
         linear_probe_auroc(features, labels)           # 3 label columns, 18 names

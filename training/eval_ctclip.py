@@ -56,20 +56,37 @@ def zero_shot_probs(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: tor
     return torch.softmax(torch.stack([pos, neg], -1), -1)[..., 0].numpy()
 
 
+def image_probe(model, preset, image_np: np.ndarray, labels: np.ndarray, train_root: Path, n_fit: int) -> dict:
+    """linear_probe_auroc of the test latents, fitted on training-split latents when that cache exists."""
+    from training.ctclip_data import PhantomCache
+    from training.evaluate import linear_probe_auroc
+    if n_fit and (train_root / "meta.json").is_file():
+        train = PhantomCache(train_root)
+        train.records = train.records[:n_fit]
+        if len(train) >= 2 * image_np.shape[1]:
+            fit = encode_cache_images(model, train, preset).numpy()
+            return linear_probe_auroc(image_np, labels, fit_features=fit, fit_labels=train.label_matrix())
+    return linear_probe_auroc(image_np, labels)
+
+
 def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None = None, n_test: int = 300,
-             plan_size: int = TEST_PLAN_SIZE, write: bool = True, bootstrap: int = 500) -> dict:
-    """Encode the test split with the checkpoint and return (and write to CHECKPOINT/metrics.json) the metrics."""
+             plan_size: int = TEST_PLAN_SIZE, write: bool = True, bootstrap: int = 500, probe_fit: int = 1000) -> dict:
+    """Encode the test split with the checkpoint and return (and write to CHECKPOINT/metrics.json) the metrics.
+
+    The image linear probe is fitted on the latents of the first `probe_fit` training studies when the training
+    cache (CACHE/train) is there, else cross-validated on the test split."""
     from engine.ctclip import CTCLIP
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
-    from training.evaluate import (bootstrap_ci, linear_probe_auroc, map_at_k, map_at_k_bounds, recall_at_k,
-                                   write_metrics_json, zero_shot_metrics)
+    from training.evaluate import (bootstrap_ci, map_at_k, map_at_k_bounds, recall_at_k, write_metrics_json,
+                                   zero_shot_metrics)
     from training.train_ctclip import model_preprocessing
 
     t0 = time.time()
     checkpoint = Path(checkpoint)
     model = CTCLIP.from_pretrained(checkpoint).float().eval()
     preset = model_preprocessing(model.config)
-    test_root = Path(cache_root or ROOT / "cache" / "ctclip-demo") / "test"
+    cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+    test_root = cache_root / "test"
     build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
     cache = PhantomCache(test_root)
     if len(cache) < n_test:
@@ -113,7 +130,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         "volume_to_volume": maps,
         "volume_to_volume_bounds": map_at_k_bounds(labels),   # oracle (true label IoU) and random embeddings
         # what the image latents carry per label (5-fold logistic regression): the ceiling of a linear zero-shot
-        "image_linear_probe_auroc": linear_probe_auroc(image_np, labels),
+        "image_linear_probe_auroc": image_probe(model, preset, image_np, labels, cache_root / "train", probe_fit),
         "ci95": {k: {"point": v[0], "lo": v[1], "hi": v[2]} for k, v in ci.items()},
         "targets": {"zero_shot_macro_auroc": 0.90, "report_to_volume_R@10": 0.30, "volume_to_volume_MAP@10": 0.70},
         "n": len(ids),

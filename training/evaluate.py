@@ -14,8 +14,9 @@ What each function reproduces (definitions read from the public CT-CLIP code; it
 - `bootstrap_ci`: percentile confidence interval by resampling cases with replacement (the reference's bootstrap
   script forgets to apply its resampled indices).
 - `linear_probe_auroc`: how much of each label an embedding carries, whatever the text side does: a logistic
-  regression per label on the (standardised) image latents, k-fold cross-validated, scored by AUROC. The zero-shot
-  AUROC can approach it only as far as the prompts' embeddings line up with those label directions.
+  regression per label on the (standardised) image latents, fitted on training-split latents (or k-fold), scored
+  by AUROC on held-out ones. The zero-shot score is itself linear in the image latent (scale * (pos - neg) . z),
+  so the probe shows what a better text side could reach with this image encoder.
 - `write_metrics_json`: the metrics.json written next to each shipped checkpoint.
 
 AUROC and average precision are computed here with numpy rather than scikit-learn (not a pinned dependency):
@@ -387,43 +388,58 @@ def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int
     return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
 
 
-def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, folds: int = 5, l2: float = 1.0,
-                       seed: int = 0) -> dict:
-    """Per-label AUROC of an L2-regularised logistic regression on `features` (N, D), `folds`-fold cross-validated
-    (every case scored by a model that did not see it). Returns {"per_label": {name: auroc}, "macro": mean}.
-    Written with torch's L-BFGS because scikit-learn is not a pinned dependency; the objective is the usual mean
-    log-loss + l2 / (2 N) * |w|^2 on features standardised with the training fold's mean and spread."""
+def _fit_logistic(x, t, l2: float):
+    """L2-regularised logistic regression (mean log-loss + l2 / (2 N) |w|^2) by L-BFGS; returns (w, b)."""
+    import torch
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w[:-1] + w[-1], t) \
+            + l2 / (2 * len(t)) * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w[:-1].detach(), w[-1].detach()
+
+
+def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_features=None, fit_labels=None,
+                       folds: int = 5, l2: float = 1.0, seed: int = 0) -> dict:
+    """Per-label AUROC of a logistic regression on `features` (N, D) against `labels` (N, L).
+
+    With `fit_features`/`fit_labels` (e.g. the training split's latents) the regressions are fitted on those and
+    score every case of `features` (held out); without, `folds`-fold cross-validation on `features` itself (every
+    case scored by a model that did not see it; weak when N is not much larger than D). Features are standardised
+    with the fitting set's mean and spread. Written with torch's L-BFGS because scikit-learn is not a pinned
+    dependency. Returns {"per_label": {name: auroc}, "macro": mean, "fitted_on": N_fit or "k-fold"}."""
     import torch
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = np.asarray(labels).astype(bool)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or y.shape[1] != len(names):
         raise UserError(f"linear_probe_auroc needs features (N, D) and labels (N, {len(names)}), "
                         f"got {tuple(x.shape)} and {y.shape}.")
-    fold_of = np.random.default_rng(seed).permutation(len(x)) % folds
+    if fit_features is not None:
+        xf = torch.as_tensor(np.asarray(fit_features), dtype=torch.float64)
+        yf = np.asarray(fit_labels).astype(bool)
+        if xf.ndim != 2 or xf.shape[1] != x.shape[1] or yf.shape != (len(xf), y.shape[1]):
+            raise UserError("linear_probe_auroc: fit_features/fit_labels must match the features' width and labels.")
+        splits = [(xf, yf, torch.ones(len(x), dtype=torch.bool))]
+    else:
+        fold_of = torch.as_tensor(np.random.default_rng(seed).permutation(len(x)) % folds)
+        splits = [(x[fold_of != f], y[(fold_of != f).numpy()], fold_of == f) for f in range(folds)]
     scores = np.zeros(y.shape)
-    for f in range(folds):
-        train, test = fold_of != f, fold_of == f
-        mean, std = x[train].mean(0), x[train].std(0) + 1e-8
-        xtr, xte = (x[train] - mean) / std, (x[test] - mean) / std
+    for x_fit, y_fit, held in splits:
+        mean, std = x_fit.mean(0), x_fit.std(0) + 1e-8
+        x_fit, x_held = (x_fit - mean) / std, (x[held] - mean) / std
         for j in range(y.shape[1]):
-            t = torch.as_tensor(y[train, j], dtype=torch.float64)
-            w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                logits = xtr @ w[:-1] + w[-1]
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, t) \
-                    + l2 / (2 * len(t)) * (w[:-1] ** 2).sum()
-                loss.backward()
-                return loss
-            opt.step(closure)
-            scores[test, j] = (xte @ w[:-1] + w[-1]).detach().numpy()
-    per_label = {}
-    for j, name in enumerate(names):
-        per_label[name] = auroc(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan")
+            w, b = _fit_logistic(x_fit, torch.as_tensor(y_fit[:, j], dtype=torch.float64), l2)
+            scores[held.numpy(), j] = (x_held @ w + b).numpy()
+    per_label = {name: (auroc(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan"))
+                 for j, name in enumerate(names)}
     valid = [v for v in per_label.values() if not math.isnan(v)]
-    return {"per_label": per_label, "macro": float(np.mean(valid)) if valid else float("nan")}
+    return {"per_label": per_label, "macro": float(np.mean(valid)) if valid else float("nan"),
+            "fitted_on": len(fit_features) if fit_features is not None else f"{folds}-fold"}
 
 
 def write_metrics_json(path, metrics: dict, *, n: int | None = None, digits: int = 4, **meta) -> dict:
