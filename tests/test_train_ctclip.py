@@ -310,3 +310,12 @@ def test_init_from_copies_a_saved_model_and_refuses_another_architecture(tmp_pat
                                     model_overrides={**tiny_overrides(), "vision_dim": 48}))
     with pytest.raises(UserError, match="another architecture"):
         init_from_checkpoint(other, tmp_path / "saved")
+
+
+def test_training_cli_bad_checkpoint_is_one_json_sentence_and_exit_2(tmp_path, capsys):
+    from training.__main__ import main
+    for argv in (["ctclip-eval", "--checkpoint", str(tmp_path / "none")],
+                 ["ctclip", "--preset", "demo", "--init-from", str(tmp_path / "none"), "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert "is not a CT-CLIP directory" in out["error"] and "\n" not in out["error"]

@@ -87,7 +87,12 @@ def main(argv=None) -> int:
     x.add_argument("--out", default=str(ROOT / "assets" / "ctclip"))
     x.set_defaults(func=_ctclip_export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from engine.errors import UserError
+    try:
+        return args.func(args)
+    except UserError as err:    # bad input (a missing checkpoint, another architecture...): one sentence, exit 2
+        print(json.dumps({"error": str(err)}))
+        return 2
 
 
 if __name__ == "__main__":

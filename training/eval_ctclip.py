@@ -129,7 +129,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         "query_to_volume": r_query,
         "volume_to_volume": maps,
         "volume_to_volume_bounds": map_at_k_bounds(labels),   # oracle (true label IoU) and random embeddings
-        # what the image latents carry per label (5-fold logistic regression): the ceiling of a linear zero-shot
+        # what the image latents carry per label (logistic regression fitted on training latents, else 5-fold);
+        # the zero-shot score is linear in the latent, so this is roughly what a perfect text side could reach
         "image_linear_probe_auroc": image_probe(model, preset, image_np, labels, cache_root / "train", probe_fit),
         "ci95": {k: {"point": v[0], "lo": v[1], "hi": v[2]} for k, v in ci.items()},
         "targets": {"zero_shot_macro_auroc": 0.90, "report_to_volume_R@10": 0.30, "volume_to_volume_MAP@10": 0.70},
