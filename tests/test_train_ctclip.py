@@ -319,3 +319,4 @@ def test_training_cli_bad_checkpoint_is_one_json_sentence_and_exit_2(tmp_path, c
         assert main(argv) == 2
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert "is not a CT-CLIP directory" in out["error"] and "\n" not in out["error"]
+    assert not (tmp_path / "run").exists()                  # a bad --init-from writes nothing into the run folder

@@ -544,14 +544,13 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     d = setup_distributed()
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed + d.rank)
+    model = build_model(cfg)
+    fresh = not (resume and (out_dir / "ckpt.pt").exists())
+    if cfg.init_from and fresh:   # before anything is written: a bad --init-from leaves OUT untouched
+        init_from_checkpoint(model, Path(cfg.init_from))
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-
-    model = build_model(cfg)
-    fresh = not (resume and (out_dir / "ckpt.pt").exists())
-    if cfg.init_from and fresh:
-        init_from_checkpoint(model, Path(cfg.init_from))
     preset = model_preprocessing(model.config)
     if dataset is None:
         dataset = make_dataset(cfg, preset, cache_root, d, progress)
