@@ -90,6 +90,7 @@ class CTCLIPConfig:
     official_unused_modules: bool = True
     # demo only: HU thresholds of the CT-ViT's per-patch density input (engine/ctvit.PatchDensityEmbedding); () = off
     patch_hu_edges: tuple[float, ...] = ()
+    patch_hu_log_share: bool = False  # demo only: log-share density channels too (PatchDensityEmbedding.log_proj)
     # text tower
     text_model: str = PAPER_TEXT_MODEL  # pretrained text weights: local dir, hub id, or DEMO_TEXT_MODEL
     tokenizer_path: str | None = None  # tokenizer files (local dir or hub id); None -> text_model
@@ -113,7 +114,8 @@ class CTCLIPConfig:
         from; trained from scratch on little data, its EMA codebook uses few codes, snaps every token to one of them
         and passes only a straight-through gradient, which throws away detail a small model needs. No unused
         official modules either (there is no official file to load into the demo). Two additions the official
-        model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES) and 512 report tokens (CT-RATE-style
+        model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES; its log-share channels, patch_hu_log_share, are switched on
+        by `--density-log-share` for the continued stage that added them) and 512 report tokens (CT-RATE-style
         reports run to about 350 MiniLM tokens; at 256 the lungs and the impression were cut off)."""
         path = minilm_path()
         bert = json.loads((Path(path) / "config.json").read_text())
@@ -177,6 +179,7 @@ class CTCLIPConfig:
             codebook_size=self.codebook_size,
             official_decoder_heads=self.official_unused_modules,
             patch_hu_edges=tuple(self.patch_hu_edges),
+            patch_hu_log_share=self.patch_hu_log_share,
         )
 
     def load_tokenizer(self):

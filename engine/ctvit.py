@@ -51,6 +51,8 @@ class CTViTConfig:
     # Demo-only: HU thresholds (in HU; the input is HU / hu_per_unit) whose per-patch "fraction of voxels above"
     # is embedded and added to each token (PatchDensityEmbedding). () = off, as in the reference.
     patch_hu_edges: tuple[float, ...] = ()
+    # Demo-only: also embed log(share above) and log(share below) of each edge (PatchDensityEmbedding.log_proj)
+    patch_hu_log_share: bool = False
     hu_per_unit: float = 1000.0  # CT-CLIP's input scaling: model unit = HU / 1000
 
     @property
@@ -288,15 +290,27 @@ class PatchDensityEmbedding(nn.Module):
     Written by hand because the patch embedding's LayerNorm over the patch's voxels removes each patch's mean and
     spread: a patch inside a pleural effusion (0-20 HU) and one inside the heart (35-55 HU) become alike, and the
     share of lung below -950 HU (how emphysema is quantified, "LAA-950") is gone. These fractions put the densities
-    back as a few numbers per token. Demo preset only; the official CT-CLIP has no such input."""
+    back as a few numbers per token. Demo preset only; the official CT-CLIP has no such input.
+
+    With log_share, log(share above + 1e-3) and log(share below + 1e-3) of each edge go through a second projection.
+    Why: what marks emphysema, calcium or metal is a rare voxel class, about 1 % of a patch (emphysema's lung LAA-950
+    is 0.4-5 % against 0.05 % in normal lung, phantom measurements), so its share moves the linear input by 0.01,
+    which Adam at lr 1e-4 cannot amplify within a CPU run; on the log scale the same change is 2-3 units. log_proj
+    starts at zero, so a model continued from a checkpoint without it computes exactly what that checkpoint did."""
+
+    LOG_FLOOR = 1e-3   # about two voxels of a 2,048-voxel demo patch
 
     def __init__(self, edges_hu: tuple[float, ...], hu_per_unit: float, pt: int, p: int, dim: int,
-                 softness_hu: float = 10.0):
+                 softness_hu: float = 10.0, log_share: bool = False):
         super().__init__()
         self.edges = tuple(float(e) / hu_per_unit for e in edges_hu)  # model units; config, not state
         self.softness = softness_hu / hu_per_unit
         self.pt, self.p = pt, p
         self.proj = nn.Linear(len(edges_hu), dim)
+        self.log_proj = nn.Linear(2 * len(edges_hu), dim) if log_share else None
+        if self.log_proj is not None:
+            nn.init.zeros_(self.log_proj.weight)
+            nn.init.zeros_(self.log_proj.bias)
 
     @torch.no_grad()
     def fractions(self, volume: torch.Tensor) -> torch.Tensor:
@@ -310,7 +324,11 @@ class PatchDensityEmbedding(nn.Module):
         return torch.stack(out, dim=-1)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.fractions(volume).to(self.proj.weight.dtype))
+        above = self.fractions(volume).to(self.proj.weight.dtype)
+        out = self.proj(above)
+        if self.log_proj is not None:
+            out = out + self.log_proj(torch.log(torch.cat([above, 1.0 - above], dim=-1).clamp_min(0) + self.LOG_FLOOR))
+        return out
 
 
 class CTViT(nn.Module):
@@ -329,7 +347,8 @@ class CTViT(nn.Module):
             )
         self.to_patch_emb = PatchEmbedding(c.channels, c.temporal_patch_size, c.patch_size, c.dim)
         self.patch_density_emb = PatchDensityEmbedding(tuple(c.patch_hu_edges), c.hu_per_unit, c.temporal_patch_size,
-                                                       c.patch_size, c.dim) if c.patch_hu_edges else None
+                                                       c.patch_size, c.dim, log_share=c.patch_hu_log_share) \
+            if c.patch_hu_edges else None
         self.enc_spatial_transformer = Transformer(c.dim, c.spatial_depth, c.dim_head, c.heads, c.ff_mult)
         self.enc_temporal_transformer = Transformer(c.dim, c.temporal_depth, c.dim_head, c.heads, c.ff_mult)
         self.vq = VectorQuantizer(c.dim, c.codebook_size, c.vq_decay) if c.use_vq else None

@@ -80,6 +80,25 @@ def test_patch_density_input_counts_voxels_above_each_threshold():
     assert CTCLIPConfig.paper().patch_hu_edges == () and CTCLIPConfig.demo().patch_hu_edges
 
 
+def test_log_share_channels_make_a_one_percent_voxel_class_visible():
+    """One patch of lung at -870 HU, another with 1 % of its voxels at -990 HU (emphysema-like): the linear share
+    below -950 differs by 0.01, the log-share input by more than 2 units. log_proj starts at zero (a no-op)."""
+    from engine.ctvit import PatchDensityEmbedding
+    emb = PatchDensityEmbedding((-950.0,), 1000.0, pt=4, p=8, dim=4, log_share=True)
+    hu = torch.full((1, 1, 4, 8, 16), -870.0)
+    flat = hu[0, 0, :, :, 8:].reshape(-1)
+    flat[:3] = -990.0                                                     # 3 of 256 voxels: 1.2 %
+    hu[0, 0, :, :, 8:] = flat.reshape(4, 8, 8)
+    above = emb.fractions(hu / 1000.0)[0, 0, 0, :, 0]
+    assert abs(float(above[0] - above[1]) - 3 / 256) < 2e-3
+    log_below = torch.log(1.0 - above + emb.LOG_FLOOR)
+    assert float(log_below[1] - log_below[0]) > 2.0
+    assert torch.count_nonzero(emb.log_proj.weight) == 0 and torch.count_nonzero(emb.log_proj.bias) == 0
+    torch.testing.assert_close(emb(hu / 1000.0), emb.proj(emb.fractions(hu / 1000.0)))
+    emb.log_proj.weight.data.fill_(1.0)                                   # once trained, the channels count
+    assert not torch.allclose(emb(hu / 1000.0), emb.proj(emb.fractions(hu / 1000.0)))
+
+
 def test_demo_forward_backward(demo_model):
     model = demo_model.train()
     tokens = model.tokenize(REPORTS)

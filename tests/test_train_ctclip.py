@@ -312,6 +312,31 @@ def test_init_from_copies_a_saved_model_and_refuses_another_architecture(tmp_pat
         init_from_checkpoint(other, tmp_path / "saved")
 
 
+
+def test_init_from_accepts_zero_initialised_additions(tmp_path):
+    """A checkpoint without the density log-share projection continues into a model with it: the added tensors
+    start at zero, so the continued model's image latents equal the saved model's."""
+    from training.train_ctclip import init_from_checkpoint
+    old = build_model(TrainConfig(preset="demo", text_max_length=48,
+                                  model_overrides={**tiny_overrides(), "patch_hu_log_share": False})).eval()
+    old.save_pretrained(tmp_path / "saved", half=False)
+    new = build_model(TrainConfig(preset="demo", text_max_length=48,
+                                  model_overrides={**tiny_overrides(), "patch_hu_log_share": True})).eval()
+    added = init_from_checkpoint(new, tmp_path / "saved")
+    assert added == ["visual_transformer.patch_density_emb.log_proj.bias",
+                     "visual_transformer.patch_density_emb.log_proj.weight"]
+    volume = torch.rand(1, 1, *TINY_SHAPE) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(new.encode_image(volume), old.encode_image(volume))
+    # they learn at added_lr_mult x lr (they start from zero), and a resumed run finds the same names again
+    from training.train_ctclip import init_from_additions, param_groups
+    assert init_from_additions(new, tmp_path / "saved") == added
+    cfg = TrainConfig(preset="demo", added_lr_mult=10.0)
+    groups = param_groups(new, cfg, tuple(added))
+    fast = [g for g in groups if g["lr_mult"] == 10.0]
+    assert {id(p) for g in fast for p in g["params"]} == {id(p) for n, p in new.named_parameters() if n in added}
+
+
 def test_training_cli_bad_checkpoint_is_one_json_sentence_and_exit_2(tmp_path, capsys):
     from training.__main__ import main
     for argv in (["ctclip-eval", "--checkpoint", str(tmp_path / "none")],

@@ -1,7 +1,7 @@
 """`python -m training STAGE ...`: reproduce the project's checkpoints.
 
     python -m training ctclip --preset demo|paper [--steps N] [--batch-size B] [--out DIR] [--cache DIR] [--resume]
-                              [--init-from CHECKPOINT_DIR] [--seed S]
+                              [--init-from CHECKPOINT_DIR] [--seed S] [--density-log-share]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
@@ -27,6 +27,8 @@ def _ctclip(args) -> int:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.fsdp:
         overrides["fsdp"] = True
+    if args.density_log_share:
+        overrides["model_overrides"] = {**cfg.model_overrides, "patch_hu_log_share": True}
     for name in ("data_root", "reports_csv", "metadata_csv", "init_from"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", help="start from this CT CLIP directory (e.g. assets/ctclip) instead of scratch; "
                    "a fresh lr schedule (continued training)")
     p.add_argument("--seed", type=int, help="seed of the data order, augmentation and text draws")
+    p.add_argument("--density-log-share", action="store_true",
+                   help="demo: add the CT-ViT's log-share density channels (zero-initialised, so --init-from a model "
+                   "without them continues exactly where it was)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (paper preset, several GPUs)")
     p.add_argument("--data-root", help="CT-RATE dataset root holding train/ and valid/ (paper)")
     p.add_argument("--reports-csv")

@@ -66,6 +66,7 @@ class TrainConfig:
     cls_only_top_layer: bool = False         # compute the top BERT layer for [CLS] only (exact; demo speed)
     label_loss_weight: float = 0.0           # > 0: + w * BCE(linear label head on the image and text latents) (demo)
     init_from: str = ""                      # a CT CLIP directory (config.json + model.safetensors) to continue from
+    added_lr_mult: float = 10.0              # lr multiplier of tensors the continued model adds (they start at zero)
     # model overrides (CTCLIPConfig field -> value)
     model_overrides: dict = field(default_factory=dict)
     # data (demo): phantom cache sizes
@@ -510,29 +511,48 @@ def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
 
 
-def init_from_checkpoint(model, directory: Path) -> None:
+def init_from_checkpoint(model, directory: Path) -> list[str]:
     """Continued training: copy every tensor of a saved CT CLIP (e.g. assets/ctclip) into the fresh model. The two
-    must share the architecture; a mismatch is one clear error, not a half-loaded model."""
+    must share the architecture; a mismatch is one clear error, not a half-loaded model. The one allowed difference:
+    tensors the fresh model adds and initialises to zero (e.g. the density log_proj), so that the continued model
+    starts out computing exactly what the saved one did. Returns the names of those added tensors."""
     from engine.ctclip import CTCLIP
     from engine.errors import UserError
     saved = CTCLIP.from_pretrained(directory).state_dict()
     own = model.state_dict()
-    mismatched = sorted(set(saved) ^ set(own)) + [k for k in saved if k in own and saved[k].shape != own[k].shape]
+    added = sorted(k for k in set(own) - set(saved) if not own[k].any())
+    mismatched = sorted((set(saved) ^ set(own)) - set(added)) + \
+        [k for k in saved if k in own and saved[k].shape != own[k].shape]
     if mismatched:
         raise UserError(f"'{directory}' is another architecture than this preset ({len(mismatched)} tensors differ, "
                         f"e.g. {mismatched[0]}).")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()}, strict=False)
+    return added
 
 
-def param_groups(model, cfg: TrainConfig):
-    """Pretrained text layers get lr * text_lr_mult; everything else (trained from scratch) lr. No decay on
-    biases, norms and the temperature."""
+def init_from_additions(model, directory: Path) -> list[str]:
+    """The names init_from_checkpoint reported as added when the run started (for a resumed continued run)."""
+    from safetensors import safe_open
+
+    from engine.ctclip import WEIGHTS_FILE, CTCLIPConfig
+    directory = Path(directory)
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        saved = set(f.keys())
+    config = CTCLIPConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    saved |= {f"text_transformer.{n}" if not n.startswith("text_transformer.") else n
+              for n in config.pretrained_text_tensors}
+    return sorted(k for k in model.state_dict() if k not in saved)
+
+
+def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
+    """Pretrained text layers get lr * text_lr_mult; tensors a continued run added from zero (`added`, see
+    init_from_checkpoint) lr * added_lr_mult; everything else lr. No decay on biases, norms and the temperature."""
     bert_ids = {id(p) for p in text_tower(model).parameters()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = cfg.text_lr_mult if id(p) in bert_ids else 1.0
+        mult = cfg.text_lr_mult if id(p) in bert_ids else (cfg.added_lr_mult if name in added else 1.0)
         decay = cfg.weight_decay if (p.dim() >= 2 and id(p) not in bert_ids) else 0.0
         groups.setdefault((mult, decay), []).append(p)
     return [{"params": ps, "lr_mult": m, "weight_decay": wd} for (m, wd), ps in groups.items()]
@@ -546,8 +566,11 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     torch.manual_seed(cfg.seed + d.rank)
     model = build_model(cfg)
     fresh = not (resume and (out_dir / "ckpt.pt").exists())
+    added = ()
     if cfg.init_from and fresh:   # before anything is written: a bad --init-from leaves OUT untouched
-        init_from_checkpoint(model, Path(cfg.init_from))
+        added = tuple(init_from_checkpoint(model, Path(cfg.init_from)))
+        if added and d.main:
+            print(f"continued from {cfg.init_from}; zero-initialised additions: {', '.join(added)}", flush=True)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -574,7 +597,9 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     elif d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(inner, device_ids=[d.device.index] if d.device.type == "cuda"
                                                       else None)
-    groups = param_groups(model, cfg)
+    if cfg.init_from and not fresh:    # resuming a continued run: the same parameter groups as when it started
+        added = tuple(init_from_additions(model, Path(cfg.init_from)))
+    groups = param_groups(model, cfg, added)
     if inner.label_head is not None:
         groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
