@@ -114,9 +114,9 @@ class CTCLIPConfig:
         from; trained from scratch on little data, its EMA codebook uses few codes, snaps every token to one of them
         and passes only a straight-through gradient, which throws away detail a small model needs. No unused
         official modules either (there is no official file to load into the demo). Two additions the official
-        model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES; its log-share channels, patch_hu_log_share, are switched on
-        by `--density-log-share` for the continued stage that added them) and 512 report tokens (CT-RATE-style
-        reports run to about 350 MiniLM tokens; at 256 the lungs and the impression were cut off)."""
+        model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES; its log-share channels, patch_hu_log_share,
+        are switched on by `--density-log-share` for the continued stage that added them) and 512 report tokens
+        (CT-RATE-style reports run to about 350 MiniLM tokens; at 256 the lungs and the impression were cut off)."""
         path = minilm_path()
         bert = json.loads((Path(path) / "config.json").read_text())
         return cls(

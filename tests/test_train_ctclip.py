@@ -312,7 +312,6 @@ def test_init_from_copies_a_saved_model_and_refuses_another_architecture(tmp_pat
         init_from_checkpoint(other, tmp_path / "saved")
 
 
-
 def test_init_from_accepts_zero_initialised_additions(tmp_path):
     """A checkpoint without the density log-share projection continues into a model with it: the added tensors
     start at zero, so the continued model's image latents equal the saved model's."""

@@ -26,9 +26,10 @@ import numpy as np
 from scipy import ndimage
 
 from engine.labels import LABELS
+from engine.phantom import FOV_XYZ_MM
+from engine.volume import DEMO_SHAPE_ZYX
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_GRID_ZYX = (64, 128, 128)
 SEED_BASE = 960_000
 LUNG_HU_EDGES = (-1100, -950, -910, -870, -830, -790, -700, -500, -300, -100, 100, 4000)
 
@@ -109,7 +110,8 @@ def study_features(hu: np.ndarray, masks: dict[str, np.ndarray], spacing_xyz) ->
         h = hu[half][lungs[half]]
         f.append(float((h < -950).mean()) if h.size else 0.0)
     # emphysema-like clusters of < -950 HU
-    vol, elong = _components((hu < -950) & lungs, sp)
+    laa = (hu < -950) & lungs                                           # low-attenuation lung (LAA-950)
+    vol, elong = _components(laa, sp)
     big = vol >= 50.0
     f += [np.log1p(big.sum() / lung_l), np.log1p(vol.max() if vol.size else 0.0),
           np.log1p(((vol >= 20) & (elong > 3)).sum() / lung_l)]          # tubular air: airways
@@ -123,8 +125,7 @@ def study_features(hu: np.ndarray, masks: dict[str, np.ndarray], spacing_xyz) ->
               float(d[compact].max()) if compact.any() else 0.0, np.log1p(len(vol) / lung_l),
               float(vol.max() / vol.sum()) if vol.size else 0.0]
     # airway walls: soft tissue within 2 mm of tubular air
-    air_tubes = (hu < -950) & lungs
-    ring = _within_mm(air_tubes, 2.0, sp) & ~air_tubes & lungs
+    ring = _within_mm(laa, 2.0, sp) & ~laa & lungs
     f.append(float((hu[ring] > -500).mean()) if ring.any() else 0.0)
     # subpleural lung vs central lung
     periph = masks["peripheral_lung"] & lungs
@@ -152,7 +153,8 @@ def study_features(hu: np.ndarray, masks: dict[str, np.ndarray], spacing_xyz) ->
     body_w = masks["body"].any(axis=(0, 1)).sum()
     f.append(float(heart.any(axis=(0, 1)).sum() / max(body_w, 1)))
     shell = _within_mm(heart, 5.0, sp) & ~bone
-    f += [float((hu[shell] > 150).mean()) if shell.any() else 0.0, float(hu[shell].max() / 1000.0) if shell.any() else 0.0]
+    f += [float((hu[shell] > 150).mean()) if shell.any() else 0.0,
+          float(hu[shell].max() / 1000.0) if shell.any() else 0.0]
     sac = _within_mm(heart, 8.0, sp) & ~heart & ~lungs & ~bone
     f.append(float(((hu[sac] > 0) & (hu[sac] < 40)).mean()) if sac.any() else 0.0)
     # aortic wall calcium
@@ -172,14 +174,15 @@ def study_features(hu: np.ndarray, masks: dict[str, np.ndarray], spacing_xyz) ->
 
 def _one(job: tuple[int, int]) -> dict:
     """Render study `seed` on the demo grid times `scale` and return its features and labels (runs in a worker)."""
+    from engine.errors import UserError
     from engine.phantom import make_study, phantom_masks
     seed, scale = job
-    shape = tuple(n * scale for n in DEMO_GRID_ZYX)
+    shape = tuple(n * scale for n in DEMO_SHAPE_ZYX)
     t0 = time.time()
     try:
         study = make_study(seed, shape_zyx=shape, with_report=False)
         masks = phantom_masks(seed, shape_zyx=shape, findings=study.findings)
-    except Exception as err:                                       # a seed the phantom cannot draw
+    except (UserError, ValueError, IndexError, RuntimeError) as err:   # a seed the phantom cannot draw (as the cache)
         return {"seed": seed, "scale": scale, "failed": f"{type(err).__name__}: {err}"}
     feats = study_features(study.volume.array, masks, study.volume.spacing)
     return {"seed": seed, "scale": scale, "labels": [n for n in LABELS if n in set(study.labels)],
@@ -216,10 +219,9 @@ def run(n: int, scales: list[int], out: Path, workers: int = 2) -> dict:
         x = np.array([done[(seed, s)]["features"] for seed in seeds])
         y = np.array([[n in done[(seed, s)]["labels"] for n in LABELS] for seed in seeds])
         probe = linear_probe_auroc(x, y)
-        shape = [d * s for d in DEMO_GRID_ZYX]
+        shape = [d * s for d in DEMO_SHAPE_ZYX]
         result["by_scale"][str(s)] = {
-            "grid_zyx": shape, "spacing_xyz_mm": [round(350 / shape[2], 3), round(350 / shape[1], 3),
-                                                  round(300 / shape[0], 3)],
+            "grid_zyx": shape, "spacing_xyz_mm": [round(f / m, 3) for f, m in zip(FOV_XYZ_MM, shape[::-1])],
             "n_features": int(x.shape[1]), "macro_auroc": round(probe["macro"], 4),
             "per_label": {k: round(v, 4) for k, v in probe["per_label"].items()},
             "n_positive": {k: int(y[:, j].sum()) for j, k in enumerate(LABELS)},

@@ -511,17 +511,22 @@ def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
 
 
+def _saved_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved CT CLIP directory (engine's loader: its errors are one sentence)."""
+    from engine.ctclip import CTCLIP
+    return CTCLIP.from_pretrained(directory).state_dict()
+
+
 def init_from_checkpoint(model, directory: Path) -> list[str]:
     """Continued training: copy every tensor of a saved CT CLIP (e.g. assets/ctclip) into the fresh model. The two
     must share the architecture; a mismatch is one clear error, not a half-loaded model. The one allowed difference:
     tensors the fresh model adds and initialises to zero (e.g. the density log_proj), so that the continued model
     starts out computing exactly what the saved one did. Returns the names of those added tensors."""
-    from engine.ctclip import CTCLIP
     from engine.errors import UserError
-    saved = CTCLIP.from_pretrained(directory).state_dict()
+    saved = _saved_state(Path(directory))
     own = model.state_dict()
-    added = sorted(k for k in set(own) - set(saved) if not own[k].any())
-    mismatched = sorted((set(saved) ^ set(own)) - set(added)) + \
+    added = sorted(set(own) - set(saved))
+    mismatched = sorted(set(saved) - set(own)) + [k for k in added if own[k].any()] + \
         [k for k in saved if k in own and saved[k].shape != own[k].shape]
     if mismatched:
         raise UserError(f"'{directory}' is another architecture than this preset ({len(mismatched)} tensors differ, "
@@ -532,16 +537,7 @@ def init_from_checkpoint(model, directory: Path) -> list[str]:
 
 def init_from_additions(model, directory: Path) -> list[str]:
     """The names init_from_checkpoint reported as added when the run started (for a resumed continued run)."""
-    from safetensors import safe_open
-
-    from engine.ctclip import WEIGHTS_FILE, CTCLIPConfig
-    directory = Path(directory)
-    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-        saved = set(f.keys())
-    config = CTCLIPConfig.from_dict(json.loads((directory / "config.json").read_text()))
-    saved |= {f"text_transformer.{n}" if not n.startswith("text_transformer.") else n
-              for n in config.pretrained_text_tensors}
-    return sorted(k for k in model.state_dict() if k not in saved)
+    return sorted(set(model.state_dict()) - set(_saved_state(Path(directory))))
 
 
 def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
