@@ -136,12 +136,18 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "train_config.json", "train_log.jsonl"]
 
 
-def test_extra_state_and_on_checkpoint_hooks(tmp_path):
+def test_extra_state_is_saved_and_restored_and_on_checkpoint_runs_after_each_save(tmp_path):
     saved = []
-    run(tmp_path, LoopConfig(steps=3, batch_size=2, ckpt_every=2, amp=False),
-        extra_state=lambda: {"ema": torch.ones(2)}, on_checkpoint=lambda: saved.append(len(saved)))
+    ema, fresh = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        ema.weight.fill_(0.25)
+        fresh.weight.zero_()
+    cfg = LoopConfig(steps=3, batch_size=2, ckpt_every=2, amp=False)
+    run(tmp_path, cfg, extra_state={"ema": ema}, on_checkpoint=lambda: saved.append(len(saved)))
     assert saved == [0, 1]                                              # at step 2 and at the end (step 3)
-    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema"], torch.ones(2))
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=False)["ema"]["weight"], ema.weight)
+    run(tmp_path, replace(cfg, steps=4), resume=True, extra_state={"ema": fresh})
+    assert torch.equal(fresh.weight, ema.weight)                        # loaded back on resume
 
 
 def test_gradient_clipping_bounds_the_update(tmp_path):

@@ -14,7 +14,8 @@ module to `TrainingLoop.run` with an optimizer factory and a dataset; the loop o
   from it at the same step with the same rng;
 - OUT/train_log.jsonl (one JSON record per log step) and a tqdm bar on rank 0.
 
-Checkpoint file OUT/ckpt.pt: {"model", "optimizer", "step", "rng", "config", "elapsed_s", **extra_state()}.
+Checkpoint file OUT/ckpt.pt: {"model", "optimizer", "step", "rng", "config", "elapsed_s"} and one entry per
+`extra_state` object (its state_dict()).
 """
 from __future__ import annotations
 
@@ -307,7 +308,7 @@ class TrainingLoop:
         self.ckpt_path = self.out_dir / "ckpt.pt"
         self.resuming = bool(resume and self.ckpt_path.exists())
         self.run_config: dict = {}
-        self.step = 0
+        self.step, self.elapsed_before, self.t0 = 0, 0.0, clock()
         torch.manual_seed(cfg.seed + self.dist.rank)
 
     def write_run_config(self, config: dict) -> None:
@@ -327,7 +328,8 @@ class TrainingLoop:
         logs(output) -> dict added to a log record (rank 0, log steps only), output = what the step module returned
             (default: the dict of a (loss, {name: number}) output).
         shard_units: the modules FSDP shards one by one (transformer blocks). on_checkpoint(): rank 0, after each
-        checkpoint (e.g. save_pretrained). extra_state() -> dict stored in the checkpoint beside the loop's keys.
+        checkpoint (e.g. save_pretrained). extra_state: {name: object with state_dict() / load_state_dict()} (an
+        EMA copy, a GradScaler...) saved in the checkpoint under `name` and loaded back on resume.
         Returns {"steps", "elapsed_s", "out"}."""
         cfg, d = self.cfg, self.dist
         wrapped = wrap_for_training(step_module, d, cfg.fsdp, shard_units)
@@ -336,6 +338,8 @@ class TrainingLoop:
         if self.resuming:
             ckpt = load_checkpoint(self.ckpt_path, wrapped, step_module, optimizer, cfg.fsdp)
             start, self.elapsed_before, rng = ckpt["step"], ckpt.get("elapsed_s", 0.0), ckpt["rng"]
+            for name, obj in (extra_state or {}).items():
+                obj.load_state_dict(ckpt[name])
             if d.main:
                 print(f"resumed from {self.ckpt_path} at step {start}", flush=True)
         sampler = StepSampler(len(dataset), cfg.batch_size, d.world, d.rank, cfg.seed, start=start, stop=cfg.steps)
@@ -349,7 +353,7 @@ class TrainingLoop:
         def save():
             save_checkpoint(self.ckpt_path, wrapped, optimizer, self.step, d, cfg.fsdp,
                             {"config": self.run_config, "elapsed_s": self.elapsed(),
-                             **(extra_state() if extra_state else {})}, on_checkpoint)
+                             **{k: v.state_dict() for k, v in (extra_state or {}).items()}}, on_checkpoint)
         self.step, self.t0 = start, self.clock()
         wrapped.train()
         self._train(wrapped, step_module, optimizer, batches, inputs or _default_inputs(d.device),
