@@ -3,14 +3,15 @@
     python -m training ctclip --preset demo                 # phantom data, this CPU, ~1 h (see docs/training.md)
     torchrun --nproc_per_node 8 -m training ctclip --preset paper --data-root /data/CT-RATE/dataset [--fsdp]
 
-One loop for both presets:
-- loss = (CE(logits_i2t) + CE(logits_t2i)) / 2 over the local batch, logits = exp(temperature) * cos-sim;
-- Adam, linear warm-up then cosine decay (demo) / constant lr (paper, as the reference), grad-norm clip;
-- autocast (bf16) on GPU; DDP (gloo on CPU, nccl on GPU) when started by torchrun; `--fsdp` shards with FSDP2
-  (fully_shard per transformer block) and checkpoints the FULL state dict gathered on rank 0 (the reference's FSDP
-  users got incomplete sharded checkpoints);
-- a checkpoint every `ckpt_every_s` seconds / `ckpt_every` steps and at the end: model, optimizer, step, rng states,
-  written atomically (tmp + rename); `--resume` continues from it bit-for-bit in the data stream.
+The CT-CLIP parts of training; training/loop.py runs them (DDP/FSDP from torchrun, the step sampler, warm-up +
+cosine lr, time budget, autocast on GPU, grad clip, atomic checkpoints with optimizer + rng + step, --resume):
+- loss = (CE(logits_i2t) + CE(logits_t2i)) / 2 over the local batch, logits = exp(temperature) * cos-sim, plus the
+  demo's optional text-text and label terms (ContrastiveStep);
+- Adam(W) with parameter groups (pretrained text layers, added tensors, no decay on biases/norms/temperature),
+  linear warm-up then cosine decay (demo) / constant lr (paper, as the reference), grad-norm clip 0.5 (paper);
+- under `--fsdp` each transformer block is its own FSDP unit (shard_units); checkpoints hold the FULL state dict
+  gathered on rank 0 (the reference's FSDP users got incomplete sharded checkpoints), and RUN/model is written by
+  save_pretrained at every checkpoint.
 
 Demo speed lever (measured, docs/training.md): the lower MiniLM layers are frozen and their outputs cached per
 distinct text (the texts come from a finite set: each study's report, query and real report), so a step runs only
@@ -20,9 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from training.loop import Dist, LoopConfig, StepSampler, TrainingLoop  # noqa: F401 (tests import StepSampler here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,33 +92,6 @@ class TrainConfig:
         """CT-CLIP's published recipe: Adam 1.25e-6 (0.9, 0.99), batch 8, 100k steps, clip 0.5, autocast, Findings."""
         return cls(preset="paper", steps=100_000, batch_size=8, lr=1.25e-6, betas=(0.9, 0.99), grad_clip=0.5,
                    amp=True, ckpt_every=1000, ckpt_every_s=3600, log_every=50, text_max_length=512, num_workers=8)
-
-
-# ---------------------------------------------------------------------------------------------- distributed set-up
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
 # --------------------------------------------------------------------------------------------------- text features
@@ -329,48 +301,6 @@ def model_preprocessing(config):
     return Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
 
 
-class StepSampler(torch.utils.data.Sampler):
-    """Deterministic global batches: epoch e is permutation rng([seed, e]); step s takes the next B * world indices,
-    this rank its [rank::world] share. Yields, per step from `start` to `stop`, this rank's list of "global item
-    numbers" epoch * n + i (EpochIndexed turns them back into (epoch, i)). Resuming at step s reproduces the stream."""
-
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0, stop: int = 0):
-        self.n, self.B, self.world, self.rank, self.seed, self.start, self.stop = \
-            n, batch_size, world, rank, seed, start, stop
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} training items cannot fill one global batch of {batch_size * world}")
-
-    def batch(self, step: int) -> list[int]:
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        g = perm[pos * self.B * self.world:(pos + 1) * self.B * self.world]
-        return (g[self.rank::self.world] + epoch * self.n).tolist()
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.batch(step)
-
-    def __len__(self):
-        return max(0, self.stop - self.start)
-
-
-class EpochIndexed(torch.utils.data.Dataset):
-    """Item k of the stream = item k % n of `dataset` in epoch k // n (the dataset's draws depend on its epoch)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, k: int):
-        n = len(self.dataset)
-        if hasattr(self.dataset, "epoch"):
-            self.dataset.epoch = k // n
-        return self.dataset[k % n]
-
-
 def collate(batch):
     """[(tensor (1, z, y, x), text[, text2][, labels (18,)])] -> ((B, 1, z, y, x), [text][, [text2]][, (B, 18)]):
     tensors are stacked, texts kept as lists."""
@@ -435,76 +365,6 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
 
 # ------------------------------------------------------------------------------------------------------- training
 
-def progress_of(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """Fraction of the run done: by steps, or by wall-clock time when a time budget is set (whichever is further).
-    The budget is what makes a run on a shared CPU end on time with its lr schedule completed."""
-    p = step / max(1, cfg.steps)
-    if cfg.time_budget_s > 0:
-        p = max(p, elapsed_s / cfg.time_budget_s)
-    return min(1.0, p)
-
-
-def lr_at(cfg: TrainConfig, step: int, progress: float | None = None) -> float:
-    """Linear warm-up over warmup_steps, then constant or cosine (to 5 % of lr) over the run's progress."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        t = progress if progress is not None else step / max(1, cfg.steps)
-        warm = cfg.warmup_steps / max(1, cfg.steps)
-        t = max(0.0, (t - warm) / max(1e-9, 1 - warm))
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-    return cfg.lr
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _full_state(wrapped, optimizer, d: Dist, fsdp: bool):
-    """Complete (unsharded) model and optimizer state dicts, gathered on rank 0 under FSDP."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, optimizer, options=opts)
-    return wrapped.state_dict(), optimizer.state_dict()
-
-
-def save_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, step: int, cfg: TrainConfig, d: Dist,
-                    extra: dict) -> None:
-    model_sd, optim_sd = _full_state(wrapped, optimizer, d, cfg.fsdp)
-    if d.main:
-        model_sd = {k.removeprefix("module."): v for k, v in model_sd.items()}
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": model_sd, "optimizer": optim_sd, "step": step, "rng": _rng_state(),
-                    "config": asdict(cfg), **extra}, tmp)
-        os.replace(tmp, path)
-        inner.model.save_pretrained(path.parent / "model")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, cfg: TrainConfig) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(wrapped, ckpt["model"], options=opts)
-        set_optimizer_state_dict(wrapped, optimizer, ckpt["optimizer"], options=opts)
-    else:
-        inner.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
-    return ckpt
-
-
 def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     """A fresh CT CLIP: random CT-ViT and heads, pretrained text tower (MiniLM offline / CXR-BERT by hub id)."""
     from engine.ctclip import CTCLIP
@@ -556,133 +416,70 @@ def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
 
 def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
           progress: bool = True, dataset=None) -> dict:
-    """Run (or resume) training; returns a summary dict. `dataset` overrides the preset's dataset (tests)."""
-    d = setup_distributed()
-    out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed + d.rank)
+    """Run (or resume) training; returns a summary dict. `dataset` overrides the preset's dataset (tests).
+    The CT-CLIP parts: the model, --init-from, the frozen text prefix, centred heads, the contrastive step, its
+    parameter groups and logs; training.loop does the rest."""
+    loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="ctclip")
+    d = loop.dist
     model = build_model(cfg)
-    fresh = not (resume and (out_dir / "ckpt.pt").exists())
     added = ()
-    if cfg.init_from and fresh:   # before anything is written: a bad --init-from leaves OUT untouched
+    if cfg.init_from and not loop.resuming:   # before anything is written: a bad --init-from leaves OUT untouched
         added = tuple(init_from_checkpoint(model, Path(cfg.init_from)))
         if added and d.main:
             print(f"continued from {cfg.init_from}; zero-initialised additions: {', '.join(added)}", flush=True)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    preset = model_preprocessing(model.config)
+    loop.write_run_config(asdict(cfg))
     if dataset is None:
-        dataset = make_dataset(cfg, preset, cache_root, d, progress)
+        dataset = make_dataset(cfg, model_preprocessing(model.config), cache_root, d, progress)
 
     freeze_unused(model)
     prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
         if cfg.frozen_text_layers else None
-    if cfg.center_heads and fresh and not cfg.init_from:
+    if cfg.center_heads and not loop.resuming and not cfg.init_from:
         stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
         if d.main:
             print(f"centred latent heads: {stats}", flush=True)
     from engine.labels import LABELS
     inner = ContrastiveStep(model, prefix, cls_only_top_layer=cfg.cls_only_top_layer and prefix is not None,
                             n_labels=len(LABELS) if cfg.label_loss_weight else 0).to(d.device)
-    wrapped = inner
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in shard_units(model):
-            fully_shard(block)
-        wrapped = fully_shard(inner)
-    elif d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(inner, device_ids=[d.device.index] if d.device.type == "cuda"
-                                                      else None)
-    if cfg.init_from and not fresh:    # resuming a continued run: the same parameter groups as when it started
+    if cfg.init_from and loop.resuming:    # resuming a continued run: the same parameter groups as when it started
         added = tuple(init_from_additions(model, Path(cfg.init_from)))
-    groups = param_groups(model, cfg, added)
-    if inner.label_head is not None:
-        groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
-        else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
-    ckpt_path = out_dir / "ckpt.pt"
-    step, elapsed_before = 0, 0.0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, wrapped, inner, optimizer, cfg)
-        step, elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
-        if d.main:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    def make_optimizer():                  # after DDP/FSDP wrapping
+        groups = param_groups(model, cfg, added)
+        if inner.label_head is not None:
+            groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
+            else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
-    sampler = StepSampler(len(dataset), cfg.batch_size, d.world, d.rank, cfg.seed, start=step, stop=cfg.steps)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers, persistent_workers=False,
-                                         pin_memory=d.device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and d.device.type == "cuda") \
-        else torch.autocast("cpu", enabled=False)
-    log = open(out_dir / "train_log.jsonl", "a") if d.main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="ctclip", unit="step", disable=not (progress and d.main),
-               dynamic_ncols=True)
-    t0, last_ckpt, losses, saved_step = time.time(), time.time(), [], step
-    wrapped.train()
+    def logs(output) -> dict:
+        logits = output[1]
+        acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
+        return {"batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach())}
+
+    return loop.run(inner, make_optimizer, dataset, collate=collate, inputs=step_inputs(cfg, model, prefix, d.device),
+                    logs=logs, shard_units=shard_units(model) if cfg.fsdp else (),
+                    on_checkpoint=lambda: model.save_pretrained(Path(out_dir) / "model"))
+
+
+def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device: torch.device):
+    """A collated batch (volumes, texts[, texts2][, labels]) -> ContrastiveStep's (args, kwargs) on `device`: the
+    texts as cached hidden states after the frozen layers (with a FrozenTextPrefix) or token ids."""
     def text_inputs(texts):
         if prefix is not None:
             a, b = prefix.hidden(texts)
         else:
             tok = model.tokenize(texts)
             a, b = tok["input_ids"], tok["attention_mask"]
-        return a.to(d.device), b.to(d.device)
+        return a.to(device), b.to(device)
 
-    for volumes, texts, *rest in loader:
-        volumes = volumes.to(d.device, non_blocking=True)
-        labels = rest.pop().to(d.device) if rest and isinstance(rest[-1], torch.Tensor) else None
-        text_a, text_b = text_inputs(texts)
+    def inputs(batch):
+        volumes, texts, *rest = batch
+        labels = rest.pop().to(device) if rest and isinstance(rest[-1], torch.Tensor) else None
         text2 = text_inputs(rest[0]) if rest and cfg.text_text_weight else (None, None)
-        elapsed = elapsed_before + time.time() - t0
-        if d.world > 1 and cfg.time_budget_s > 0:   # ranks must agree on the schedule and on when to stop
-            e = torch.tensor([elapsed], dtype=torch.float64)
-            dist.all_reduce(e, op=dist.ReduceOp.MAX)
-            elapsed = float(e)
-        progress = progress_of(cfg, step, elapsed)
-        if progress >= 1.0 and step > 0:
-            break
-        lr = lr_at(cfg, step, progress)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-        with autocast:
-            loss, logits = wrapped(volumes, text_a, text_b, *text2, text_text_weight=cfg.text_text_weight,
-                                   labels=labels, label_loss_weight=cfg.label_loss_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip) \
-            if cfg.grad_clip else torch.tensor(0.0)
-        optimizer.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if d.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
-            rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr, "grad_norm": float(grad_norm),
-                   "progress": progress, "batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach()),
-                   "elapsed_s": elapsed_before + time.time() - t0}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{acc:.2f}")
-            losses = []
-        due = step % cfg.ckpt_every == 0 or time.time() - last_ckpt > cfg.ckpt_every_s
-        if d.world > 1:          # every rank must agree to enter the (collective) save
-            flag = torch.tensor([int(due)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            due = bool(flag.item())
-        if due or step == cfg.steps:
-            save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
-                            {"elapsed_s": elapsed_before + time.time() - t0})
-            last_ckpt, saved_step = time.time(), step
-    if saved_step != step:       # stopped by the time budget between checkpoints: save where it ended
-        save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
-                        {"elapsed_s": elapsed_before + time.time() - t0})
-    bar.close()
-    if log:
-        log.close()
-    summary = {"steps": step, "elapsed_s": elapsed_before + time.time() - t0, "out": str(out_dir)}
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+        return ((volumes.to(device, non_blocking=True), *text_inputs(texts), *text2),
+                {"text_text_weight": cfg.text_text_weight, "labels": labels,
+                 "label_loss_weight": cfg.label_loss_weight})
+    return inputs
 
 
 # Parameters the CLIP loss never reaches, kept only so official weights load by name: CT-ViT attention's null
