@@ -2,31 +2,61 @@
 do not depend on training) and on the shipped demo checkpoint (behaviour that depends on it)."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 from engine.errors import UserError
 from engine.labels import LABELS
-from engine.pipelines import (DEMO_CTCLIP_DIR, CTClipPipeline, StudyLibrary, check_query_text, zero_shot_prompts)
+from engine.models.ctclip import zero_shot_prompts
+from engine.pipelines.base import Cancelled
+from engine.pipelines.ctclip import CTClipPipeline
+from engine.query import check_query_text
+from engine.settings import ctclip_dir
+from engine.study_library import StudyLibrary
 from engine.volume import read_ct
+from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_config
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    """A real CT CLIP with small towers (random CT-ViT, pretrained MiniLM text tower) saved and reloaded as assets are."""
-    from engine.ctclip import CTCLIP, CTCLIPConfig
-    from engine.transforms import Preprocessing
+    """A real CT CLIP with small towers (random CT-ViT, pretrained MiniLM text tower) saved and reloaded as assets are;
+    the pipeline takes its preprocessing from the folder (preprocessing.json)."""
+    from engine.models.ctclip import CTCLIP
 
     torch.manual_seed(0)
-    config = replace(CTCLIPConfig.demo(), vision_dim=32, spatial_depth=1, temporal_depth=1, heads=2, dim_head=16,
-                     latent_dim=32, max_length=64)
     directory = tmp_path_factory.mktemp("tiny_ctclip")
-    CTCLIP.build(config).save_pretrained(directory)
+    CTCLIP.build(tiny_ctclip_config()).save_pretrained(directory)
     model = CTCLIP.from_pretrained(directory)
-    return CTClipPipeline(model, Preprocessing.demo(), "tiny-test")
+    return CTClipPipeline(model, model_id="tiny-test")
+
+
+def test_preprocessing_comes_from_the_checkpoint_folder(tiny_pipeline):
+    assert tiny_pipeline.preprocessing.shape_zyx == TINY_SHAPE
+    assert tiny_pipeline.preprocessing.spacing_xyz == pytest.approx(TINY_SPACING)
+
+
+def test_progress_and_cancel_follow_the_pipeline_convention(tiny_pipeline, lung1_path):
+    import threading
+
+    volume = read_ct(lung1_path)
+    seen = []
+    tiny_pipeline.zero_shot(volume, progress=lambda fraction, message: seen.append((fraction, message)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(isinstance(m, str) and m for _, m in seen)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        tiny_pipeline.zero_shot(volume, cancel=stop)
+    calls = []
+
+    def cancel_after_first_step():   # a callable works as well as an Event; checked between steps
+        calls.append(1)
+        return len(calls) > 1
+    with pytest.raises(Cancelled):
+        tiny_pipeline.heatmap(volume, "right pleural effusion", cancel=cancel_after_first_step)
+    assert len(calls) == 2
 
 
 def test_query_text_checks():
@@ -92,7 +122,7 @@ def test_library_search_ranks_by_cosine_and_indexes_idempotently(tiny_pipeline, 
 
 # ------------------------------------------------------------------------------------ the shipped demo checkpoint
 
-shipped = pytest.mark.skipif(not (DEMO_CTCLIP_DIR / "config.json").is_file(), reason="no shipped CT CLIP checkpoint")
+shipped = pytest.mark.skipif(not (ctclip_dir() / "config.json").is_file(), reason="no shipped CT CLIP checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +163,7 @@ def test_demo_text_retrieval_finds_matching_studies(demo_pipeline, tmp_path):
 
 
 def test_weights_folder_loading(tiny_pipeline, tmp_path):
-    from engine.weights import load_ctclip_directory
+    from engine.convert.ctclip import load_ctclip_directory
 
     with pytest.raises(UserError):
         load_ctclip_directory(tmp_path / "missing")

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from engine.labels import LABELS
+from engine.transforms import to_model_tensor
 from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume
 
 TRAIN_SEED_BASE = 0
@@ -244,24 +245,10 @@ class PhantomCache:
         return m
 
 
-def hu_to_model(hu: np.ndarray, spacing_xyz, preset) -> torch.Tensor:
-    """HU (z, y, x) -> the model's input tensor (1, z, y, x) via engine.transforms (the app's exact path).
-
-    When the volume is already on the preset's grid (the cache renders on it) and in LPS, resampling is the identity,
-    so only the intensity steps run (4x faster; tests check it equals to_model_tensor)."""
-    from engine.transforms import ClipHU, ScaleHU, to_model_tensor
-    same_grid = tuple(hu.shape) == tuple(preset.shape_zyx) and np.allclose(spacing_xyz, preset.spacing_xyz)
-    if same_grid and preset.orientation == "LPS" and preset.fit == "crop_or_pad":
-        lo, hi = preset.clip_hu
-        v = ScaleHU(lo, hi, *preset.out_range)(ClipHU(lo, hi)(Volume(array=hu, spacing=tuple(spacing_xyz))))
-        return torch.from_numpy(np.ascontiguousarray(v.array, dtype=np.float32))[None]
-    t = to_model_tensor(Volume(array=hu, spacing=tuple(spacing_xyz)), preset)
-    t = torch.as_tensor(t, dtype=torch.float32)
-    while t.dim() > 4:               # tolerate a leading batch axis
-        t = t[0]
-    if t.dim() == 3:
-        t = t[None]
-    return t
+def hu_to_model(hu: np.ndarray, spacing_xyz, preprocessing) -> torch.Tensor:
+    """A cached HU array (z, y, x) at `spacing_xyz` mm -> the model's input tensor (1, z, y, x) by the engine's one
+    path (engine.transforms.to_model_tensor; on the preset's own grid its resampling step is the identity)."""
+    return to_model_tensor(Volume(array=hu, spacing=tuple(float(s) for s in spacing_xyz)), preprocessing)
 
 
 @dataclass
@@ -291,9 +278,6 @@ class CTCLIPDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.cache)
-
-    def text_for(self, i: int, rng: np.random.Generator) -> str:
-        return self.cache.records[i][self._kind(i, rng)]
 
     def _kind(self, i: int, rng: np.random.Generator) -> str:
         rec = self.cache.records[i]
