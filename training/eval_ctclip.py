@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from engine.labels import LABELS
+from engine.settings import training_cache_dir
 from training.ctclip_data import TEST_PLAN_SIZE
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -80,7 +79,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     checkpoint = Path(checkpoint)
     model = CTCLIP.from_pretrained(checkpoint).float().eval()
     preset = model.preprocessing                     # the checkpoint folder's own input preparation
-    cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+    cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
     test_root = cache_root / "test"
     build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
     cache = PhantomCache(test_root)

@@ -35,8 +35,7 @@ from tqdm import tqdm
 
 from engine.models.losses import symmetric_infonce
 from engine.models.text import FrozenTextPrefix
-
-ROOT = Path(__file__).resolve().parents[1]
+from engine.settings import training_cache_dir
 
 
 @dataclass
@@ -585,7 +584,7 @@ def shard_units(model) -> list[nn.Module]:
 def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, progress: bool):
     if cfg.preset == "demo":
         from training.ctclip_data import CTCLIPDataset
-        cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+        cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
         if d.main:
             demo_train_cache(cfg, cache_root, progress)
         if dist.is_initialized():
@@ -611,7 +610,8 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
 
     If the full float16 file exceeds max_mb and the run froze text layers, the frozen MiniLM tensors are left out
     of the file (restored from the text model package at load time: TextConfig field `pretrained_tensors`) when
-    the reloaded model is bit-identical; otherwise the full file is written and the size is reported. Returns {"path", "mb", "compact"}."""
+    the reloaded model is bit-identical; otherwise the full file is written and the size is reported.
+    Returns {"path", "mb", "compact"}."""
     import shutil
     import tempfile
     from dataclasses import fields

@@ -87,10 +87,11 @@ def load_state_strictly(model: nn.Module, state: dict[str, torch.Tensor], source
 class PretrainedModel(nn.Module):
     """Base of the engine's models: save_pretrained / from_pretrained on a checkpoint folder (module docstring).
 
-    A subclass sets `config_class` (a ModelConfig dataclass) and `keep_float32` (name parts never stored in
-    float16) and `model_name`, takes `config` as its only constructor argument, and may override the hooks `config_from_json`
-    (old config layouts), `extra_state` (tensors that come from elsewhere than the weights file), `after_load`
-    (rebuild non-persistent buffers), `save_extras` (e.g. a tokenizer) and `default_preprocessing`."""
+    A subclass sets `config_class` (a ModelConfig dataclass), `keep_float32` (name parts never stored in float16)
+    and `model_name`, takes `config` as its only constructor argument, and may override the hooks
+    `config_from_json` (old config layouts), `extra_state` (tensors that come from elsewhere than the weights
+    file), `after_load` (rebuild non-persistent buffers), `save_extras` (e.g. a tokenizer) and
+    `default_preprocessing`."""
 
     config_class: type = ModelConfig
     keep_float32: tuple[str, ...] = ()
@@ -150,8 +151,8 @@ class PretrainedModel(nn.Module):
         """The config of a checkpoint folder (either layout the subclass reads)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
-            raise UserError(f"'{directory}' is not a {cls.model_name or cls.__name__} directory (it needs {CONFIG_FILE} and "
-                            f"{WEIGHTS_FILE}).")
+            raise UserError(f"'{directory}' is not a {cls.model_name or cls.__name__} directory (it needs "
+                            f"{CONFIG_FILE} and {WEIGHTS_FILE}).")
         try:
             raw = json.loads((directory / CONFIG_FILE).read_text())
         except ValueError as err:
