@@ -96,7 +96,7 @@ def bench_demo(runs: int) -> dict:
 def bench_paper_ctvit() -> dict:
     """One eval forward of the paper CT-ViT (random weights) on a (1, 1, 240, 480, 480) volume."""
     torch.manual_seed(0)
-    vit = CTViT(CTCLIPConfig.paper().ctvit_config()).eval()
+    vit = CTViT(CTCLIPConfig.paper().vision).eval()
     volume = torch.randn(1, 1, 240, 480, 480).clamp(-1, 1)
     rss_before = peak_rss_mb()
     with torch.inference_mode():

@@ -221,6 +221,13 @@ def test_loading_names_missing_and_unexpected_tensors(tmp_path):
         CTCLIP.from_pretrained(tmp_path)
 
 
+def test_a_damaged_preprocessing_file_is_one_sentence(tmp_path):
+    CTCLIP(tiny_config()).save_pretrained(tmp_path)
+    (tmp_path / "preprocessing.json").write_text(json.dumps({"name": "x", "voxel_size": 3}))
+    with pytest.raises(UserError, match="does not describe a preprocessing"):
+        CTCLIP.from_pretrained(tmp_path)
+
+
 def test_the_flat_config_layout_of_older_checkpoints_still_loads():
     """assets/ctclip/config.json predates the vision/text split; it reads into the same nested config."""
     flat = json.loads((ASSETS / "ctclip" / "config.json").read_text())

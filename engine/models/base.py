@@ -178,5 +178,13 @@ class PretrainedModel(nn.Module):
         if leftover:  # a non-persistent buffer nothing rebuilt: a bug in the subclass, not a user error
             raise RuntimeError(f"tensors left uninitialised after loading: {leftover[:5]}")
         if (directory / PREPROCESSING_FILE).is_file():
-            model.preprocessing = Preprocessing.from_dict(json.loads((directory / PREPROCESSING_FILE).read_text()))
+            model.preprocessing = read_preprocessing(directory / PREPROCESSING_FILE)
         return model.eval()
+
+
+def read_preprocessing(path: Path) -> Preprocessing:
+    """A checkpoint folder's preprocessing.json; a damaged or foreign file is one sentence."""
+    try:
+        return Preprocessing.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"'{path}' does not describe a preprocessing ({err}).") from None
