@@ -173,7 +173,7 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
 
     def check_query(text):
         """A bad query is refused before the search touches the table (no error badge on stale results)."""
-        from engine.pipelines import check_query_text  # torch comes with it: imported on first use, not at start-up
+        from engine.query import check_query_text
 
         try:
             check_query_text(text)

@@ -64,7 +64,8 @@ class CTClipModels:
             if self._error is not None:
                 raise UserError(self._error)
             if self._pipeline is None:
-                from engine.pipelines import CTClipPipeline, StudyLibrary
+                from engine.pipelines.ctclip import CTClipPipeline
+                from engine.study_library import StudyLibrary
 
                 try:
                     pipeline = CTClipPipeline.from_pretrained(self.weights, self.preset)

@@ -365,8 +365,8 @@ def test_label_table_sampling_follows_ctrate(shared_data, tmp_path):
 
 
 def test_shipped_label_sets_json_matches_table():
-    from engine.phantom import LABEL_SETS_JSON
-    back = load_label_table(LABEL_SETS_JSON)
+    from engine import settings
+    back = load_label_table(settings.phantom_label_sets())
     assert back.shape[1] == len(LABELS) and back.shape[0] > 40000
 
 

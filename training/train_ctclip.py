@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from training.loop import Dist, LoopConfig, StepSampler, TrainingLoop  # noqa: F401 (tests import StepSampler here)
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine.models.losses import symmetric_infonce
+from engine.models.text import FrozenTextPrefix
+from engine.settings import training_cache_dir
 
 
 @dataclass
@@ -94,101 +96,6 @@ class TrainConfig:
                    amp=True, ckpt_every=1000, ckpt_every_s=3600, log_every=50, text_max_length=512, num_workers=8)
 
 
-# --------------------------------------------------------------------------------------------------- text features
-
-def text_tower(model) -> nn.Module:
-    """The BertModel inside the CT CLIP."""
-    for name in ("text_transformer", "text_encoder", "text_model", "bert"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module) and hasattr(module, "encoder"):
-            return module
-    raise AttributeError("the CT CLIP has no BERT text tower attribute (text_transformer)")
-
-
-class FrozenTextPrefix:
-    """Runs the embeddings + the lower `n_frozen` BERT layers once per distinct text (no grad, eval mode) and keeps
-    the result (fp16 on CPU), so a training step runs only the upper layers. Exact: frozen layers are deterministic
-    in eval mode. Memory: n_texts x tokens x 384 x 2 bytes (about 100 kB per 128-token text)."""
-
-    def __init__(self, model, n_frozen: int, max_length: int, cache: bool = True):
-        self.model, self.n_frozen, self.max_length, self.cache = model, n_frozen, max_length, cache
-        self.bert = text_tower(model)
-        self.store: dict[str, torch.Tensor] = {}
-        for p in self.bert.embeddings.parameters():
-            p.requires_grad_(False)
-        for layer in self.bert.encoder.layer[:n_frozen]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
-
-    def tokenize(self, texts: list[str]) -> dict:
-        return self.model.tokenize(texts)
-
-    @torch.no_grad()
-    def _prefix(self, texts: list[str]) -> list[torch.Tensor]:
-        tok = self.tokenize(texts)
-        ids, mask = tok["input_ids"], tok["attention_mask"]
-        was_training = self.bert.training
-        self.bert.eval()
-        h = self.bert.embeddings(input_ids=ids)
-        ext = _bert_mask(self.bert, h, mask)
-        for layer in self.bert.encoder.layer[:self.n_frozen]:
-            h = _layer(layer, h, ext)
-        self.bert.train(was_training)
-        lengths = mask.sum(1).tolist()
-        return [h[i, :n].to(torch.float16) for i, n in enumerate(lengths)]
-
-    def hidden(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 384) float32 hidden states after the frozen layers, (B, T) attention mask (dynamic padding)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self.store]
-        if missing:
-            for t, h in zip(missing, self._prefix(missing)):
-                if self.cache:
-                    self.store[t] = h
-                else:
-                    self.store.setdefault(t, h)
-        rows = [self.store[t] for t in texts]
-        if not self.cache:
-            for t in missing:
-                self.store.pop(t, None)
-        T = max(r.shape[0] for r in rows)
-        h = torch.zeros(len(rows), T, rows[0].shape[1])
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            h[i, :r.shape[0]] = r.float()
-            mask[i, :r.shape[0]] = 1
-        return h, mask
-
-
-def _bert_mask(bert, h, mask):
-    """The additive attention mask BertModel.forward builds from a (B, T) 0/1 mask (transformers' own helper)."""
-    from transformers.masking_utils import create_bidirectional_mask
-    return create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=mask)
-
-
-def _layer(layer, h, ext_mask):
-    out = layer(h, attention_mask=ext_mask)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def cls_only_layer(layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A BertLayer's output at the [CLS] position only: (B, T, d) hidden states, (B, T) 0/1 mask -> (B, 1, d).
-
-    Exact (the [CLS] row of a BERT layer depends on the other tokens only through its attention's keys and values),
-    and about 1/6 of the layer's work at 400 tokens. By hand because transformers computes every position."""
-    att = layer.attention.self
-    b, t, _ = h.shape
-    heads, size = att.num_attention_heads, att.attention_head_size
-
-    def split(x):
-        return x.view(b, -1, heads, size).transpose(1, 2)
-    q = split(att.query(h[:, :1]))
-    k, v = split(att.key(h)), split(att.value(h))
-    bias = torch.zeros(b, 1, 1, t, dtype=h.dtype, device=h.device).masked_fill(~mask.bool()[:, None, None, :],
-                                                                               torch.finfo(h.dtype).min)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
-    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
-    x = layer.attention.output(ctx, h[:, :1])                          # dense + dropout + LayerNorm(+ residual)
-    return layer.output(layer.intermediate(x), x)
 
 
 class ContrastiveStep(nn.Module):
@@ -199,26 +106,17 @@ class ContrastiveStep(nn.Module):
     def __init__(self, model, prefix: FrozenTextPrefix | None = None, cls_only_top_layer: bool = False,
                  n_labels: int = 0):
         super().__init__()
-        self.model, self.prefix_layers = model, (prefix.n_frozen if prefix else 0)
+        self.model, self.prefix = model, prefix
         self.cls_only_top_layer = cls_only_top_layer
         self.label_head = nn.Linear(model.config.latent_dim, n_labels) if n_labels else None
 
     def encode_text_from_hidden(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        bert = text_tower(self.model)
-        layers = bert.encoder.layer[self.prefix_layers:]
-        if self.cls_only_top_layer and len(layers):
-            layers, top = layers[:-1], layers[-1]
-        else:
-            top = None
-        ext = _bert_mask(bert, h, mask)
-        for layer in layers:
-            h = _layer(layer, h, ext)
-        if top is not None:
-            h = cls_only_layer(top, h, mask)
-        return F.normalize(self.model.to_text_latent(h[:, 0]), dim=-1)      # [CLS], as CTCLIP.encode_text
+        """Cached hidden states after the frozen prefix -> unit text latent, as CTCLIP.encode_text."""
+        features = self.prefix.features(h, mask, cls_only_top_layer=self.cls_only_top_layer)
+        return self.model.text_latent_from_features(features)
 
     def encode_text(self, a, b):
-        return self.encode_text_from_hidden(a, b) if self.prefix_layers else self.model.encode_text(a, b)
+        return self.encode_text_from_hidden(a, b) if self.prefix is not None else self.model.encode_text(a, b)
 
     def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0,
                 labels=None, label_loss_weight: float = 0.0):
@@ -242,12 +140,6 @@ class ContrastiveStep(nn.Module):
             bce = [F.binary_cross_entropy_with_logits(self.label_head(z), target) for z in latents]
             loss = loss + label_loss_weight * torch.stack(bce).mean()
         return loss, logits.detach()
-
-
-def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
-    """(CE(rows) + CE(columns)) / 2 with the diagonal as positives."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def _stack_padded(a1, m1, a2, m2):
@@ -276,29 +168,16 @@ def demo_train_cache(cfg: TrainConfig, cache_root: Path, progress: bool = True):
 
 def _demo_grid(cfg: TrainConfig):
     """(shape (z, y, x), spacing (x, y, z) mm) of the phantom renders = the model's input grid."""
-    pre = model_preprocessing(model_config(cfg))
+    pre = model_config(cfg).default_preprocessing()
     return tuple(pre.shape_zyx), tuple(pre.spacing_xyz)
 
 
 def model_config(cfg: TrainConfig):
-    from engine.ctclip import CTCLIPConfig
+    """The preset's CTCLIPConfig with the run's text length and model_overrides (field names of either config
+    layout, e.g. {"vision_dim": 48} or {"vision": {"dim": 48}})."""
+    from engine.models.ctclip import CTCLIPConfig
     base = CTCLIPConfig.demo() if cfg.preset == "demo" else CTCLIPConfig.paper()
-    return replace(base, **{"max_length": cfg.text_max_length, **cfg.model_overrides})
-
-
-def model_preprocessing(config):
-    """The engine.transforms preset for a CTCLIPConfig: paper -> CTCLIP (0.75, 0.75, 1.5 mm, 240 x 480 x 480);
-    demo -> the demo field of view (350 x 350 x 300 mm) on the model's input_shape (= engine.transforms.DEMO at the
-    default (64, 128, 128))."""
-    from engine.transforms import CTCLIP, DEMO, Preprocessing
-    shape = tuple(config.input_shape)
-    if config.preset != "demo":
-        return CTCLIP
-    if shape == tuple(DEMO.shape_zyx):
-        return DEMO
-    fov_zyx = [n * s for n, s in zip(DEMO.shape_zyx, reversed(DEMO.spacing_xyz))]
-    spacing_xyz = tuple(f / n for f, n in zip(reversed(fov_zyx), reversed(shape)))
-    return Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
+    return CTCLIPConfig.from_dict({**base.to_dict(), "max_length": cfg.text_max_length, **cfg.model_overrides})
 
 
 def collate(batch):
@@ -336,14 +215,10 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
     for j in range(0, len(texts), 16):
         chunk = texts[j:j + 16]
         if prefix is not None:
-            h, mask = prefix.hidden(chunk)
-            bert = text_tower(model)
-            ext = _bert_mask(bert, h, mask)
-            for layer in bert.encoder.layer[prefix.n_frozen:]:
-                h = _layer(layer, h, ext)
-        else:
-            tok = model.tokenize(chunk)
-            h = model.text_transformer(**tok).last_hidden_state
+            cls.append(prefix.features(*prefix.hidden(chunk)))
+            continue
+        tok = model.tokenize(chunk)
+        h = model.text_transformer(**tok).last_hidden_state
         cls.append(h[:, 0])
     cls = torch.cat(cls)
 
@@ -367,13 +242,13 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
 
 def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     """A fresh CT CLIP: random CT-ViT and heads, pretrained text tower (MiniLM offline / CXR-BERT by hub id)."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP
     return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
 
 
 def _saved_state(directory: Path) -> dict[str, torch.Tensor]:
     """The state dict of a saved CT CLIP directory (engine's loader: its errors are one sentence)."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP
     return CTCLIP.from_pretrained(directory).state_dict()
 
 
@@ -403,7 +278,7 @@ def init_from_additions(model, directory: Path) -> list[str]:
 def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
     """Pretrained text layers get lr * text_lr_mult; tensors a continued run added from zero (`added`, see
     init_from_checkpoint) lr * added_lr_mult; everything else lr. No decay on biases, norms and the temperature."""
-    bert_ids = {id(p) for p in text_tower(model).parameters()}
+    bert_ids = {id(p) for p in model.text_transformer.parameters()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -428,8 +303,8 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         if added and d.main:
             print(f"continued from {cfg.init_from}; zero-initialised additions: {', '.join(added)}", flush=True)
     loop.write_run_config(asdict(cfg))
-    if dataset is None:
-        dataset = make_dataset(cfg, model_preprocessing(model.config), cache_root, d, progress)
+    if dataset is None:   # the model's own input preparation (what its checkpoint folder will say)
+        dataset = make_dataset(cfg, model.preprocessing, cache_root, d, progress)
 
     freeze_unused(model)
     prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
@@ -498,7 +373,7 @@ def freeze_unused(model) -> list[str]:
 
 def shard_units(model) -> list[nn.Module]:
     """FSDP units: every transformer block of the CT-ViT and of the text tower."""
-    units = list(text_tower(model).encoder.layer)
+    units = list(model.text_transformer.encoder.layer)
     for m in model.modules():
         if type(m).__name__ in ("Transformer",) and m is not model:
             units.extend(getattr(m, "layers", []))
@@ -508,7 +383,7 @@ def shard_units(model) -> list[nn.Module]:
 def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, progress: bool):
     if cfg.preset == "demo":
         from training.ctclip_data import CTCLIPDataset
-        cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+        cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
         if d.main:
             demo_train_cache(cfg, cache_root, progress)
         if dist.is_initialized():
@@ -532,14 +407,15 @@ def frozen_text_tensor_names(model, n_frozen: int) -> list[str]:
 def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
     """Copy the run's model (RUN/model, written by save_pretrained at every checkpoint) to `dest` in float16.
 
-    If the full float16 file exceeds max_mb and engine.ctclip can restore pretrained text tensors from the text
-    model package (CTCLIPConfig field `pretrained_text_tensors`), the frozen MiniLM tensors are left out of the
-    file; otherwise the full file is written and the size is reported. Returns {"path", "mb", "compact"}."""
+    If the full float16 file exceeds max_mb and the run froze text layers, the frozen MiniLM tensors are left out
+    of the file (restored from the text model package at load time: TextConfig field `pretrained_tensors`) when
+    the reloaded model is bit-identical; otherwise the full file is written and the size is reported.
+    Returns {"path", "mb", "compact"}."""
     import shutil
     import tempfile
     from dataclasses import fields
 
-    from engine.ctclip import CTCLIP, CTCLIPConfig
+    from engine.models.ctclip import CTCLIP
     run_dir, dest = Path(run_dir), Path(dest)
     cfg = TrainConfig(**{k: v for k, v in json.loads((run_dir / "train_config.json").read_text()).items()
                          if k in {f.name for f in fields(TrainConfig)}})
@@ -553,8 +429,7 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
         full = model.save_pretrained(Path(tmp) / "full", half=True)
         size_mb = _dir_mb(full)
         chosen, compact = full, False
-        supports = "pretrained_text_tensors" in {f.name for f in fields(CTCLIPConfig)}
-        if size_mb > max_mb and supports and cfg.frozen_text_layers:
+        if size_mb > max_mb and cfg.frozen_text_layers:
             from safetensors.torch import load_file, save_file
             small = Path(tmp) / "compact"
             shutil.copytree(full, small)
@@ -562,7 +437,7 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
             state = {k: v for k, v in load_file(str(small / "model.safetensors")).items() if k not in names}
             save_file(state, str(small / "model.safetensors"), metadata={"format": "pt", "preset": "demo"})
             config = json.loads((small / "config.json").read_text())
-            config["pretrained_text_tensors"] = sorted(names)
+            config["text"]["pretrained_tensors"] = sorted(names)
             (small / "config.json").write_text(json.dumps(config, indent=2))
             reloaded = CTCLIP.from_pretrained(small)      # frozen tensors restored from the text package
             same = all(torch.equal(reloaded.state_dict()[k], model.state_dict()[k]) for k in names)

@@ -42,14 +42,14 @@ from engine.phantom.anatomy import (AIRWAYS, MEDIASTINAL_VESSELS, Anatomy, Heart
 from engine.phantom.findings import finding_lung, finding_sides, sample_findings
 from engine.phantom.grid import FOV_XYZ_MM, Box, Grid, occupancy_volume, rasterize_tubes, resolve_grid
 from engine.phantom.hu import HU, HU_BY_SEVERITY, HU_RANGE
-from engine.phantom.label_table import (LABEL_SETS_JSON, LABEL_TABLE_CSV, build_label_sets_json, load_label_table,
+from engine.phantom.label_table import (build_label_sets_json, label_table_csv, load_label_table,
                                         sample_label_set)
 from engine.phantom.painters import PAINTERS
 from engine.phantom.render import (PhantomStudy, build_scene, make_study, phantom_masks, render_phantom,
                                    render_scene)
 
 __all__ = [
-    "AIRWAYS", "FOV_XYZ_MM", "HU", "HU_BY_SEVERITY", "HU_RANGE", "LABEL_SETS_JSON", "LABEL_TABLE_CSV",
+    "AIRWAYS", "FOV_XYZ_MM", "HU", "HU_BY_SEVERITY", "HU_RANGE", "label_table_csv",
     "MEDIASTINAL_VESSELS", "PAINTERS", "Anatomy", "Box", "Grid", "Heart", "PhantomStudy", "Tree",
     "build_label_sets_json", "build_scene", "finding_lung", "finding_sides", "grow_tree", "heart_geometry",
     "load_label_table", "lung_inside_points", "lymph_station_centres", "make_study", "occupancy_volume",

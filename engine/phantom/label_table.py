@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import settings
 from engine.errors import UserError
 from engine.labels import LABELS
 
-ROOT = Path(__file__).resolve().parents[2]
-LABEL_TABLE_CSV = ROOT.parent / "shared" / "data" / "ctrate_labels" / "train_predicted_labels.csv"
-LABEL_SETS_JSON = ROOT / "assets" / "phantom" / "label_sets.json"
+
+def label_table_csv() -> Path:
+    """CT-RATE's train_predicted_labels.csv in the shared data folder (settings.shared_data(), read when asked)."""
+    return settings.shared_data() / "ctrate_labels" / "train_predicted_labels.csv"
 
 
 def load_label_table(path: str | Path | None = None) -> np.ndarray:
@@ -24,7 +26,7 @@ def load_label_table(path: str | Path | None = None) -> np.ndarray:
     A .csv path must have the 18 label columns; a .json path must be in build_label_sets_json's format.
     """
     if path is None:
-        path = LABEL_SETS_JSON
+        path = settings.phantom_label_sets()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The CT-RATE label table {path} does not exist.")
@@ -49,12 +51,13 @@ def _load_label_table_cached(path: str) -> np.ndarray:
     return (frame[list(LABELS)].to_numpy() > 0).astype(np.uint8)
 
 
-def build_label_sets_json(csv_path: str | Path = LABEL_TABLE_CSV, out_path: str | Path = LABEL_SETS_JSON) -> dict:
+def build_label_sets_json(csv_path: str | Path | None = None, out_path: str | Path | None = None) -> dict:
     """Write the compact label table (unique label vectors as 18-bit codes + how often each occurs) shipped in assets/.
 
-    Bit i of a code is label i in CT-CLIP order. Returns the written dictionary.
+    Bit i of a code is label i in CT-CLIP order (defaults: label_table_csv() -> settings.phantom_label_sets()).
+    Returns the written dictionary.
     """
-    table = load_label_table(csv_path)
+    table = load_label_table(csv_path or label_table_csv())
     codes = (table.astype(np.int64) << np.arange(len(LABELS))[None, :]).sum(1)
     unique, counts = np.unique(codes, return_counts=True)
     data = {
@@ -66,7 +69,7 @@ def build_label_sets_json(csv_path: str | Path = LABEL_TABLE_CSV, out_path: str 
         "codes": unique.tolist(),
         "counts": counts.tolist(),
     }
-    out_path = Path(out_path)
+    out_path = Path(out_path or settings.phantom_label_sets())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     return data
@@ -76,7 +79,7 @@ def sample_label_set(rng: np.random.Generator, table: np.ndarray | None = None) 
     """One row of CT-RATE's label table drawn uniformly (so label priors, co-occurrence and the share of normal
     studies are CT-RATE's); returns the positive label names in CT-CLIP order ([] for a normal study)."""
     if table is None:
-        table = _load_label_table_cached(str(LABEL_SETS_JSON))
+        table = _load_label_table_cached(str(settings.phantom_label_sets()))
     row = table[int(rng.integers(len(table)))]
     return [LABELS[i] for i in np.flatnonzero(row)]
 
