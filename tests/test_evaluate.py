@@ -368,3 +368,5 @@ def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
     assert held["fitted_on"] == 200 and held["per_label"]["a"] > 0.97 and abs(held["per_label"]["c"] - 0.5) < 0.15
     with pytest.raises(UserError):
         linear_probe_auroc(features, labels)           # 3 label columns, 18 names
+    with pytest.raises(UserError):
+        linear_probe_auroc(features, labels, names=("a", "b", "c"), folds=1)

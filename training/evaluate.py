@@ -350,11 +350,6 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n: int = 1000, alpha:
     return point, float(lo), float(hi)
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of the rows' values along the last axis, tied values sharing their mean rank."""
-    return np.apply_along_axis(stats.rankdata, -1, x)
-
-
 def delong_test(y_true, scores_a, scores_b) -> tuple[float, float, float, float]:
     """DeLong's test of AUROC(a) = AUROC(b) for two scores of the SAME cases (so the AUROCs are correlated).
 
@@ -371,15 +366,15 @@ def delong_test(y_true, scores_a, scores_b) -> tuple[float, float, float, float]
         raise UserError("DeLong's test needs at least two positive and two negative cases.")
     scores = np.stack([s_a, s_b])                      # (2 modalities, cases)
     pos, neg = scores[:, y], scores[:, ~y]
-    rank_all = _midranks(np.concatenate([pos, neg], axis=1))
-    rank_pos, rank_neg = _midranks(pos), _midranks(neg)
+    rank_all = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)   # midranks: ties share their mean
+    rank_pos, rank_neg = stats.rankdata(pos, axis=1), stats.rankdata(neg, axis=1)
     v10 = (rank_all[:, :m] - rank_pos) / n             # negatives each positive outranks (ties 1/2), as a share
     v01 = 1.0 - (rank_all[:, m:] - rank_neg) / m       # positives outranking each negative, as a share
     aucs = v10.mean(axis=1)
     cov = np.cov(v10) / m + np.cov(v01) / n
     variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     difference = aucs[0] - aucs[1]
-    if variance <= 1e-15 * max(1.0, cov[0, 0] + cov[1, 1]):   # the two scores rank every pair alike
+    if variance <= 1e-15 * max(1.0, cov[0, 0] + cov[1, 1]):   # no spread in the difference (same rankings)
         z = 0.0 if abs(difference) < 1e-12 else math.copysign(math.inf, difference)
     else:
         z = difference / math.sqrt(variance)
@@ -462,8 +457,8 @@ def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_f
             raise UserError("linear_probe_auroc: fit_features/fit_labels must match the features' width and labels.")
         splits = [(xf, yf, np.arange(len(x)))]
     else:
-        if not 2 <= folds <= len(x):
-            raise UserError(f"Cross-validation needs 2 to {len(x)} folds, got {folds}.")
+        if folds < 2:
+            raise UserError(f"Cross-validation needs at least 2 folds, got {folds}.")
         fold_of = np.random.default_rng(seed).permutation(len(x)) % folds     # the folds the probe always used
         splits = [(x[fit], y[fit], held) for fit, held in PredefinedSplit(fold_of).split()]
     scores = np.zeros(y.shape)
