@@ -319,7 +319,8 @@ def map_at_k(x, labels, ks: Sequence[int] = (1, 5, 10, 50), *, is_similarity: bo
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n: int = 1000, alpha: float = 0.05,
                  seed: int = 0, method: str = "percentile") -> tuple[float, float, float]:
     """(point, lo, hi): metric_fn(*arrays) and its (1 - alpha) bootstrap interval over `n` resamples of the cases
-    (axis 0 of every array, the same indices for all) drawn with replacement, by scipy.stats.bootstrap.
+    (axis 0 of every array, the same indices for all) drawn with replacement, by scipy.stats.bootstrap (which
+    draws the same indices from `seed` as the hand-written loop it replaced: the shipped intervals are unchanged).
 
     method: "percentile" (CT-CLIP's bootstrap and every metrics.json so far) or scipy's "BCa" / "basic".
     With "percentile", resamples where the metric is undefined (NaN, e.g. one class only) are left out of the
@@ -443,7 +444,8 @@ def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_f
     With `fit_features`/`fit_labels` (e.g. the training split's latents) the regressions are fitted on those and
     score every case of `features` (held out); without, `folds`-fold cross-validation on `features` itself (every
     case scored by a model that did not see it; weak when N is not much larger than D; case i in fold
-    permutation(N)[i] % folds of numpy's default_rng(seed)). Features are standardised with the fitting set's mean and spread (sklearn's StandardScaler).
+    permutation(N)[i] % folds of numpy's default_rng(seed)). Features are standardised with the fitting set's mean
+    and spread (sklearn's StandardScaler).
     Returns {"per_label": {name: auroc}, "macro": mean, "fitted_on": N_fit or "k-fold"}."""
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
