@@ -9,9 +9,9 @@ import pytest
 
 from engine.errors import UserError
 from engine.labels import LABELS
-from training.evaluate import (auroc, average_precision, bootstrap_ci, classification_at, label_iou, map_at_k,
-                               map_at_k_bounds,
-                               recall_at_k, roc_points, top_left_threshold, write_metrics_json, zero_shot_metrics)
+from training.evaluate import (auroc, average_precision, bootstrap_ci, classification_at, delong_test, label_iou,
+                               macro_auroc, map_at_k, map_at_k_bounds, recall_at_k, roc_points, top_left_threshold,
+                               write_metrics_json, zero_shot_metrics)
 
 # The 6-sample case used throughout: scores descending, labels 1 0 1 1 0 0.
 S6 = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.2])
@@ -94,6 +94,17 @@ def test_zero_shot_metrics_table():
     assert out["macro"]["auroc"] == pytest.approx((7 / 9 + 1) / 2)      # NaN label left out of the mean
     assert out["weighted"]["accuracy"] == pytest.approx((3 * 5 / 6 + 3 * 1) / 6)
     assert any("excluded" in note for note in out["notes"])
+
+
+def test_macro_auroc_is_the_tables_macro_mean():
+    probs = np.stack([S6, np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), S6], axis=1)
+    labels = np.stack([Y6, [0, 0, 0, 1, 1, 1], [0] * 6], axis=1)     # as above: 7/9, 1 and an undefined label
+    assert macro_auroc(probs, labels) == pytest.approx((7 / 9 + 1) / 2)
+    assert macro_auroc(probs[:, [0, 2]], labels[:, [0, 2]]) == pytest.approx(7 / 9)   # one defined label left
+    assert math.isnan(macro_auroc(probs[:, [2]], labels[:, [2]]))
+    rng = np.random.default_rng(8)
+    p, y = rng.random((50, 18)), rng.random((50, 18)) < 0.2
+    assert macro_auroc(p, y) == pytest.approx(zero_shot_metrics(p, y)["macro"]["auroc"], abs=1e-12)
 
 
 def test_zero_shot_metrics_defaults_to_the_18_labels_and_checks_shapes():
@@ -220,6 +231,80 @@ def test_bootstrap_ci_resamples_arrays_together():
         bootstrap_ci(auroc, y, s[:-1])
 
 
+def test_bootstrap_ci_bca_and_percentile_agree_with_the_normal_interval_of_a_mean():
+    # the mean of 400 N(1, 1) draws: any sound 95 % interval is about mean +- 1.96 s / sqrt(n) (= +- 0.1)
+    rng = np.random.default_rng(2)
+    data = rng.normal(1.0, 1.0, 400)
+    half = 1.96 * data.std(ddof=1) / math.sqrt(len(data))
+    for method in ("percentile", "BCa"):
+        point, lo, hi = bootstrap_ci(np.mean, data, n=1000, method=method)
+        assert lo == pytest.approx(point - half, abs=0.15 * half) and hi == pytest.approx(point + half, abs=0.15 * half)
+    # an undefined resample (one class only) is left out of the percentiles, not turned into a NaN interval:
+    # 2 positives in 8 cases leave no positive in about (6/8)^8 = 10 % of the resamples
+    y, s = np.array([1, 1, 0, 0, 0, 0, 0, 0]), np.array([0.9, 0.3, 0.8, 0.2, 0.1, 0.4, 0.5, 0.6])
+    point, lo, hi = bootstrap_ci(auroc, y, s, n=300)
+    assert point == pytest.approx(8 / 12) and 0.0 <= lo < point < hi <= 1.0    # .9 beats 6 negatives, .3 beats 2
+
+
+# --- DeLong's test -------------------------------------------------------------------------------------------------
+
+def test_delong_hand_worked():
+    """Three positives, two negatives, ties in both scores. psi(x, y) = 1 if x > y, 1/2 if x = y, else 0.
+
+    a: positives .9 .4 .6, negatives .6 .2
+       V10 (each positive vs both negatives) = 1, 1/2, 3/4 (.6 ties .6)   V01 (each negative vs the 3 positives)
+       = 1/2 (.6: beaten by .9, tied by .6), 1                              AUROC = mean V10 = 3/4
+    b: positives .8 .7 .1, negatives .9 .1
+       V10 = 1/2, 1/2, 1/4 (.1 ties .1)   V01 = 0, 5/6 (.1: beaten by .8 .7, tied by .1)   AUROC = 5/12
+    S10 = sample covariance over the 3 positives (divide by 2): var a = (1/16 + 1/16) / 2 = 1/16,
+          var b = (1/144 + 1/144 + 4/144) / 2 = 1/48, cov = (1/4 * 1/12 - 1/4 * 1/12 + 0) / 2 = 0
+    S01 = over the 2 negatives (divide by 1): var a = 1/16 + 1/16 = 1/8, var b = 2 * (5/12)^2 = 25/72,
+          cov = 2 * (1/4 * 5/12) = 5/24
+    Var(AUROC) = S10 / 3 + S01 / 2: var a = 1/48 + 1/16 = 1/12, var b = 1/144 + 25/144 = 13/72, cov = 5/48
+    Var(a - b) = 1/12 + 13/72 - 2 * 5/48 = (12 + 26 - 30) / 144 = 1/18
+    z = (3/4 - 5/12) / sqrt(1/18) = (1/3) sqrt(18) = sqrt(2);  p = 2 (1 - Phi(sqrt 2)) = 0.15730
+    """
+    y = [1, 1, 1, 0, 0]
+    auc_a, auc_b, z, p = delong_test(y, [0.9, 0.4, 0.6, 0.6, 0.2], [0.8, 0.7, 0.1, 0.9, 0.1])
+    assert auc_a == pytest.approx(3 / 4) and auc_b == pytest.approx(5 / 12)
+    assert z == pytest.approx(math.sqrt(2)) and p == pytest.approx(0.157299, abs=1e-6)
+    # swapping the scores swaps the AUROCs and the sign of z, not p
+    assert delong_test(y, [0.8, 0.7, 0.1, 0.9, 0.1], [0.9, 0.4, 0.6, 0.6, 0.2]) == pytest.approx(
+        (5 / 12, 3 / 4, -math.sqrt(2), p))
+
+
+def test_delong_identical_scores_and_strong_separation():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    noise = rng.random(200)
+    auc_a, auc_b, z, p = delong_test(y, noise, noise)
+    assert auc_a == auc_b == pytest.approx(auroc(y, noise)) and z == 0.0 and p == 1.0
+    strong = y + 0.5 * rng.random(200)                        # separates the classes perfectly
+    auc_a, auc_b, z, p = delong_test(y, strong, noise)
+    assert auc_a == 1.0 and abs(auc_b - 0.5) < 0.1 and z > 5 and p < 1e-6
+    # a monotone transform ranks every pair alike: the same AUROC, p = 1
+    assert delong_test(y, noise, np.exp(3 * noise))[3] == pytest.approx(1.0)
+    with pytest.raises(UserError):
+        delong_test([1, 0, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])    # one positive: no variance to estimate
+
+
+def test_delong_variance_equals_the_pairwise_definition():
+    # DeLong 1988 directly: V10_i = mean_j psi(x_i, y_j), V01_j = mean_i psi(x_i, y_j), O(m n), with many ties
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 60).astype(bool)
+    a, b = rng.integers(0, 5, 60) + 2 * y, rng.integers(0, 7, 60) + y
+    components = []
+    for s in (a, b):
+        diff = s[y][:, None] - s[~y][None, :]
+        psi = (diff > 0) + 0.5 * (diff == 0)
+        components.append((psi.mean(1), psi.mean(0)))
+    v10, v01 = np.stack([c[0] for c in components]), np.stack([c[1] for c in components])
+    cov = np.cov(v10) / y.sum() + np.cov(v01) / (~y).sum()
+    want_z = (v10[0].mean() - v10[1].mean()) / math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    auc_a, auc_b, z, _ = delong_test(y, a, b)
+    assert (auc_a, auc_b) == pytest.approx((auroc(y, a), auroc(y, b))) and z == pytest.approx(want_z)
+
+
 def test_write_metrics_json(tmp_path):
     path = tmp_path / "sub" / "metrics.json"
     written = write_metrics_json(path, {"auroc": np.float32(0.123456), "bad": float("nan"), "k": np.int64(3),
@@ -246,6 +331,24 @@ def test_map_bounds_oracle_beats_every_embedding_and_normals_cap_it():
     assert map_at_k_bounds(identical, ks=(5,), n_random=1)["oracle"]["MAP@5"] == pytest.approx(1.0)
 
 
+def test_linear_probe_fit_minimises_the_documented_loss():
+    """_probe_scores' regression minimises mean log-loss + l2 / (2 N) |w|^2 on the standardised features (the
+    loss the probe was written with before scikit-learn; sklearn's C = 1 / l2). At the minimum the gradient is 0:
+    Xs^T (sigmoid(d) - t) / N + l2 / N w = 0 and sum(sigmoid(d) - t) = 0, with d = Xs w + b."""
+    from training.evaluate import _probe_scores
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((120, 4)) * [1.0, 3.0, 0.5, 2.0] + 5.0
+    t = (x[:, 0] - 5 + 0.5 * rng.standard_normal(120) > 0).astype(float)
+    xs = (x - x.mean(0)) / x.std(0)
+    for l2 in (0.1, 10.0):
+        d = _probe_scores(x, t.astype(bool), x, l2)
+        wb = np.linalg.lstsq(np.c_[xs, np.ones(120)], d, rcond=None)[0]     # d is exactly linear in xs
+        w = wb[:-1]
+        residual = 1 / (1 + np.exp(-d)) - t
+        np.testing.assert_allclose((xs.T @ residual + l2 * w) / 120, 0, atol=1e-5)   # C = l2 would miss by ~0.1
+        assert abs(residual.mean()) < 1e-5
+
+
 def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
     from training.evaluate import linear_probe_auroc
     rng = np.random.default_rng(0)
@@ -265,3 +368,5 @@ def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
     assert held["fitted_on"] == 200 and held["per_label"]["a"] > 0.97 and abs(held["per_label"]["c"] - 0.5) < 0.15
     with pytest.raises(UserError):
         linear_probe_auroc(features, labels)           # 3 label columns, 18 names
+    with pytest.raises(UserError):
+        linear_probe_auroc(features, labels, names=("a", "b", "c"), folds=1)

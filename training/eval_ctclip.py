@@ -72,8 +72,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     cache (CACHE/train) is there, else cross-validated on the test split."""
     from engine.models.ctclip import CTCLIP, ZERO_SHOT_PROMPTS
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
-    from training.evaluate import (bootstrap_ci, map_at_k, map_at_k_bounds, recall_at_k, write_metrics_json,
-                                   zero_shot_metrics)
+    from training.evaluate import (bootstrap_ci, macro_auroc, map_at_k, map_at_k_bounds, recall_at_k,
+                                   write_metrics_json, zero_shot_metrics)
 
     t0 = time.time()
     checkpoint = Path(checkpoint)
@@ -102,15 +102,12 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     image_np = image.numpy()
     maps = map_at_k(image_np, labels)
 
-    def macro_auroc(p, y):
-        return zero_shot_metrics(p, y)["macro"]["auroc"]
-
-    def r10(s_rows, rows):   # resample queries; the gallery stays the whole test split
+    def r10(rows):   # resample queries; the gallery stays the whole test split
         return recall_at_k(report_sim[rows], [ids[i] for i in rows], ids, ks=(10,))["R@10"]
     rows = np.arange(len(ids))
     ci = {
         "zero_shot_macro_auroc": bootstrap_ci(macro_auroc, probs, labels, n=bootstrap),
-        "report_to_volume_R@10": bootstrap_ci(lambda r: r10(None, r), rows, n=bootstrap),
+        "report_to_volume_R@10": bootstrap_ci(r10, rows, n=bootstrap),
     }
     metrics = {
         "zero_shot_macro_auroc": zs["macro"]["auroc"],

@@ -1,5 +1,9 @@
 """The papers' evaluation metrics, shared by every model of the project (CT CLIP, speech, CXR).
 
+ROC points, AUROC, average precision, F1/accuracy/precision and the logistic probe are scikit-learn's (what
+CT-CLIP's own evaluation calls); the bootstrap is scipy.stats.bootstrap. Written here only what neither library has:
+Recall@K found by study id, MAP@K with label-IoU relevance, and DeLong's test of two correlated AUROCs.
+
 What each function reproduces (definitions read from the public CT-CLIP code; its bugs are not reproduced):
 - `zero_shot_metrics`: per-label AUROC and PR-AUC (average precision, as X2CT-CLIP reports it), then, at a
   per-label threshold chosen on the evaluation data itself -- the ROC point closest to the top-left corner
@@ -13,14 +17,12 @@ What each function reproduces (definitions read from the public CT-CLIP code; it
   (the reference counts the query as its own best match and never resets its accumulator between K values).
 - `bootstrap_ci`: percentile confidence interval by resampling cases with replacement (the reference's bootstrap
   script forgets to apply its resampled indices).
+- `delong_test`: is one score's AUROC above another's on the same cases (fast DeLong, Sun & Xu 2014).
 - `linear_probe_auroc`: how much of each label an embedding carries, whatever the text side does: a logistic
   regression per label on the (standardised) image latents, fitted on training-split latents (or k-fold), scored
   by AUROC on held-out ones. The zero-shot score is itself linear in the image latent (scale * (pos - neg) . z),
   so the probe shows what a better text side could reach with this image encoder.
 - `write_metrics_json`: the metrics.json written next to each shipped checkpoint.
-
-AUROC and average precision are computed here with numpy rather than scikit-learn (not a pinned dependency):
-both are a dozen exact lines over the ROC/PR step points, with tied scores grouped into one step as sklearn does.
 """
 from __future__ import annotations
 
@@ -29,10 +31,18 @@ import json
 import math
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, precision_score, roc_auc_score,
+                             roc_curve)
+from sklearn.model_selection import PredefinedSplit
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from engine.errors import UserError
 from engine.labels import LABELS
@@ -56,47 +66,35 @@ def _check_binary(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     return y.astype(bool), s
 
 
+def _both_classes(y: np.ndarray) -> bool:
+    return bool(y.any()) and not bool(y.all())
+
+
 def roc_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC operating points (fpr, tpr, thresholds), thresholds descending, one point per distinct score.
+    """ROC operating points (fpr, tpr, thresholds), thresholds descending, one point per distinct score
+    (sklearn's roc_curve without dropping collinear points).
 
     A case is called positive when its score >= threshold; tied scores move together (one diagonal step).
     The trivial point (0, 0) "call nothing positive" is not listed. Requires both classes present.
     """
     y, s = _check_binary(y_true, scores)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if not _both_classes(y):
         raise UserError("The ROC needs at least one positive and one negative case.")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_group = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s) - 1]   # last index of each run of equal scores
-    tps = np.cumsum(y_sorted)[last_of_group]
-    fps = (last_of_group + 1) - tps
-    return fps / n_neg, tps / n_pos, s_sorted[last_of_group]
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    return fpr[1:], tpr[1:], thresholds[1:]          # sklearn's first point is (0, 0) at threshold +inf
 
 
 def auroc(y_true, scores) -> float:
-    """Area under the ROC curve (trapezoids through the step points; ties count one half). NaN if one class only."""
+    """Area under the ROC curve (sklearn's roc_auc_score: ties count one half). NaN if one class only."""
     y, s = _check_binary(y_true, scores)
-    if y.all() or not y.any():
-        return NAN
-    fpr, tpr, _ = roc_points(y, s)
-    fpr, tpr = np.r_[0.0, fpr], np.r_[0.0, tpr]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    return float(roc_auc_score(y, s)) if _both_classes(y) else NAN
 
 
 def average_precision(y_true, scores) -> float:
-    """PR-AUC as average precision: sum over distinct thresholds of (recall step) x precision (no interpolation,
-    sklearn's definition). NaN if one class only."""
+    """PR-AUC as average precision: sum over distinct thresholds of (recall step) x precision, no interpolation
+    (sklearn's average_precision_score). NaN if one class only."""
     y, s = _check_binary(y_true, scores)
-    n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == len(y):
-        return NAN
-    fpr, tpr, _ = roc_points(y, s)
-    tps = tpr * n_pos
-    fps = fpr * (len(y) - n_pos)
-    precision = tps / (tps + fps)
-    recall = np.r_[0.0, tpr]
-    return float(np.sum(np.diff(recall) * precision))
+    return float(average_precision_score(y, s)) if _both_classes(y) else NAN
 
 
 def top_left_threshold(y_true, scores, *, rule: str = "roc") -> float:
@@ -110,12 +108,12 @@ def top_left_threshold(y_true, scores, *, rule: str = "roc") -> float:
     Ties in distance go to the HIGHEST threshold in both rules (the reference scans thresholds upwards with `<=`).
     """
     y, s = _check_binary(y_true, scores)
-    if y.all() or not y.any():
+    if not _both_classes(y):
         return NAN
     if rule == "roc":
         fpr, tpr, thresholds = roc_points(y, s)
     elif rule == "grid100":
-        thresholds = np.linspace(0.0, 1.0, 100)
+        thresholds = np.linspace(0.0, 1.0, 100)                  # the reference's grid, not ROC points
         called = s[None, :] > thresholds[:, None]
         tpr = (called & y).sum(1) / y.sum()
         fpr = (called & ~y).sum(1) / (~y).sum()
@@ -126,33 +124,16 @@ def top_left_threshold(y_true, scores, *, rule: str = "roc") -> float:
     return float(thresholds[best].max())
 
 
-def _confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
-    tp = int(np.sum(y & pred))
-    fp = int(np.sum(~y & pred))
-    fn = int(np.sum(y & ~pred))
-    tn = int(np.sum(~y & ~pred))
-    return tp, fp, fn, tn
-
-
-def _f1(tp: int, fp: int, fn: int) -> float:
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 0.0
-
-
 def classification_at(y_true, predicted) -> dict:
     """Weighted F1 (F1 of each class weighted by its support, sklearn's average='weighted'), accuracy and
-    precision of the positive class (0 when nothing is called positive, sklearn's zero_division default)."""
+    precision of the positive class (0 when nothing is called positive)."""
     y = np.asarray(y_true).astype(bool)
     pred = np.asarray(predicted).astype(bool)
-    tp, fp, fn, tn = _confusion(y, pred)
-    n = len(y)
-    f1_positive = _f1(tp, fp, fn)
-    f1_negative = _f1(tn, fn, fp)                     # the negative class: its "true positives" are the TNs
-    n_pos, n_neg = tp + fn, tn + fp
+    both = [False, True]
     return {
-        "f1_weighted": (n_pos * f1_positive + n_neg * f1_negative) / n,
-        "accuracy": (tp + tn) / n,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "f1_weighted": float(f1_score(y, pred, labels=both, average="weighted", zero_division=0.0)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": float(precision_score(y, pred, zero_division=0.0)),
     }
 
 
@@ -208,6 +189,21 @@ def zero_shot_metrics(probs, labels, names: Sequence[str] = LABELS, *, threshold
                      f"from the means: {', '.join(excluded)}")
     return {"per_label": per_label, "macro": macro, "weighted": weighted, "excluded_labels": excluded,
             "n": int(p.shape[0]), "threshold_rule": threshold_rule, "notes": notes}
+
+
+def macro_auroc(probs, labels) -> float:
+    """zero_shot_metrics(probs, labels)["macro"]["auroc"] alone: the mean AUROC over the labels with both classes
+    present, in one roc_auc_score call (what the bootstrap repeats hundreds of times). NaN if no label has both."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if p.ndim != 2 or p.shape != y.shape:
+        raise UserError(f"probs and labels must both be (N, L) arrays, got {p.shape} and {y.shape}.")
+    defined = y.any(axis=0) & ~y.all(axis=0)
+    if not defined.any():
+        return NAN
+    if defined.sum() == 1:                             # sklearn reads one column as a binary, not a multilabel, task
+        return auroc(y[:, defined][:, 0], p[:, defined][:, 0])
+    return float(roc_auc_score(y[:, defined], p[:, defined], average="macro"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,27 +317,69 @@ def map_at_k(x, labels, ks: Sequence[int] = (1, 5, 10, 50), *, is_similarity: bo
 # ----------------------------------------------------------------------------------------------------------------
 
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float]:
-    """(point, lo, hi): metric_fn(*arrays) and its percentile (1 - alpha) interval over `n` resamples of the
-    cases (axis 0 of every array, the same indices for all) drawn with replacement. Resamples where the metric
-    is undefined (NaN, e.g. one class only) are skipped."""
+                 seed: int = 0, method: str = "percentile") -> tuple[float, float, float]:
+    """(point, lo, hi): metric_fn(*arrays) and its (1 - alpha) bootstrap interval over `n` resamples of the cases
+    (axis 0 of every array, the same indices for all) drawn with replacement, by scipy.stats.bootstrap (which
+    draws the same indices from `seed` as the hand-written loop it replaced: the shipped intervals are unchanged).
+
+    method: "percentile" (CT-CLIP's bootstrap and every metrics.json so far) or scipy's "BCa" / "basic".
+    With "percentile", resamples where the metric is undefined (NaN, e.g. one class only) are left out of the
+    percentiles; with the other methods any undefined resample makes the interval NaN."""
     if not arrays:
         raise UserError("bootstrap_ci needs at least one array of cases.")
     arrays = [np.asarray(a) for a in arrays]
     n_cases = len(arrays[0])
     if any(len(a) != n_cases for a in arrays):
         raise UserError("All arrays given to bootstrap_ci must have the same number of cases.")
+    if n_cases < 2:
+        raise UserError("bootstrap_ci needs at least two cases.")
     point = float(metric_fn(*arrays))
-    rng = np.random.default_rng(seed)
-    values = np.empty(n)
-    for i in range(n):
-        index = rng.integers(0, n_cases, size=n_cases)
-        values[i] = metric_fn(*(a[index] for a in arrays))
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return point, NAN, NAN
-    lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+
+    def on_cases(index):             # scipy resamples the case indices; every array is taken at the same ones
+        return metric_fn(*(a[index] for a in arrays))
+    with warnings.catch_warnings():  # a NaN interval is reported as NaN below, not warned about
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap((np.arange(n_cases),), on_cases, n_resamples=n, vectorized=False,
+                                 confidence_level=1 - alpha, method=method, rng=np.random.default_rng(seed))
+    lo, hi = result.confidence_interval
+    values = result.bootstrap_distribution
+    if method == "percentile" and np.isnan(values).any():
+        values = values[np.isfinite(values)]
+        if len(values) == 0:
+            return point, NAN, NAN
+        lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(lo), float(hi)
+
+
+def delong_test(y_true, scores_a, scores_b) -> tuple[float, float, float, float]:
+    """DeLong's test of AUROC(a) = AUROC(b) for two scores of the SAME cases (so the AUROCs are correlated).
+
+    Returns (auc_a, auc_b, z, p_value), p two-sided from the normal distribution. The covariance of the two AUROCs
+    is DeLong et al.'s (1988) from the structural components V10 (each positive's share of negatives it outranks)
+    and V01 (each negative's share of positives outranking it), computed from midranks as in the fast algorithm of
+    Sun & Xu (2014): Cov = S10 / m + S01 / n over m positives and n negatives. Hand-written: neither scikit-learn
+    nor scipy has DeLong's test. Identical scores give z = 0, p = 1. Needs at least two cases of each class.
+    """
+    y, s_a = _check_binary(y_true, scores_a)
+    _, s_b = _check_binary(y_true, scores_b)
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        raise UserError("DeLong's test needs at least two positive and two negative cases.")
+    scores = np.stack([s_a, s_b])                      # (2 modalities, cases)
+    pos, neg = scores[:, y], scores[:, ~y]
+    rank_all = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)   # midranks: ties share their mean
+    rank_pos, rank_neg = stats.rankdata(pos, axis=1), stats.rankdata(neg, axis=1)
+    v10 = (rank_all[:, :m] - rank_pos) / n             # negatives each positive outranks (ties 1/2), as a share
+    v01 = 1.0 - (rank_all[:, m:] - rank_neg) / m       # positives outranking each negative, as a share
+    aucs = v10.mean(axis=1)
+    cov = np.cov(v10) / m + np.cov(v01) / n
+    variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    difference = aucs[0] - aucs[1]
+    if variance <= 1e-15 * max(1.0, cov[0, 0] + cov[1, 1]):   # no spread in the difference (same rankings)
+        z = 0.0 if abs(difference) < 1e-12 else math.copysign(math.inf, difference)
+    else:
+        z = difference / math.sqrt(variance)
+    return float(aucs[0]), float(aucs[1]), float(z), float(2 * stats.norm.sf(abs(z)))
 
 
 def _git_commit() -> str | None:
@@ -388,20 +426,15 @@ def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int
     return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
 
 
-def _fit_logistic(x, t, l2: float):
-    """L2-regularised logistic regression (mean log-loss + l2 / (2 N) |w|^2) by L-BFGS; returns (w, b)."""
-    import torch
-    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+def _probe_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, l2: float) -> np.ndarray:
+    """Decision values on x_held of a standardised L2 logistic regression fitted on (x_fit, y_fit).
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w[:-1] + w[-1], t) \
-            + l2 / (2 * len(t)) * (w[:-1] ** 2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return w[:-1].detach(), w[-1].detach()
+    The old hand-written loss, mean log-loss + l2 / (2 N) |w|^2 (intercept free), is sklearn's
+    C * sum log-loss + |w|^2 / 2 divided by C N: the same fit with C = 1 / l2."""
+    if not _both_classes(y_fit):                       # nothing to learn: every held-out case scores alike
+        return np.zeros(len(x_held))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0 / l2, tol=1e-6, max_iter=1000))
+    return model.fit(x_fit, y_fit).decision_function(x_held)
 
 
 def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_features=None, fit_labels=None,
@@ -410,33 +443,31 @@ def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_f
 
     With `fit_features`/`fit_labels` (e.g. the training split's latents) the regressions are fitted on those and
     score every case of `features` (held out); without, `folds`-fold cross-validation on `features` itself (every
-    case scored by a model that did not see it; weak when N is not much larger than D). Features are standardised
-    with the fitting set's mean and spread. Written with torch's L-BFGS because scikit-learn is not a pinned
-    dependency. Returns {"per_label": {name: auroc}, "macro": mean, "fitted_on": N_fit or "k-fold"}."""
-    import torch
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    case scored by a model that did not see it; weak when N is not much larger than D; case i in fold
+    permutation(N)[i] % folds of numpy's default_rng(seed)). Features are standardised with the fitting set's mean
+    and spread (sklearn's StandardScaler).
+    Returns {"per_label": {name: auroc}, "macro": mean, "fitted_on": N_fit or "k-fold"}."""
+    x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y) or y.shape[1] != len(names):
         raise UserError(f"linear_probe_auroc needs features (N, D) and labels (N, {len(names)}), "
                         f"got {tuple(x.shape)} and {y.shape}.")
     if fit_features is not None:
-        xf = torch.as_tensor(np.asarray(fit_features), dtype=torch.float64)
+        xf = np.asarray(fit_features, dtype=np.float64)
         yf = np.asarray(fit_labels).astype(bool)
         if xf.ndim != 2 or xf.shape[1] != x.shape[1] or yf.shape != (len(xf), y.shape[1]):
             raise UserError("linear_probe_auroc: fit_features/fit_labels must match the features' width and labels.")
-        splits = [(xf, yf, torch.ones(len(x), dtype=torch.bool))]
+        splits = [(xf, yf, np.arange(len(x)))]
     else:
-        fold_of = torch.as_tensor(np.random.default_rng(seed).permutation(len(x)) % folds)
-        splits = [(x[fold_of != f], y[(fold_of != f).numpy()], fold_of == f) for f in range(folds)]
+        if folds < 2:
+            raise UserError(f"Cross-validation needs at least 2 folds, got {folds}.")
+        fold_of = np.random.default_rng(seed).permutation(len(x)) % folds     # the folds the probe always used
+        splits = [(x[fit], y[fit], held) for fit, held in PredefinedSplit(fold_of).split()]
     scores = np.zeros(y.shape)
     for x_fit, y_fit, held in splits:
-        mean, std = x_fit.mean(0), x_fit.std(0) + 1e-8
-        x_fit, x_held = (x_fit - mean) / std, (x[held] - mean) / std
         for j in range(y.shape[1]):
-            w, b = _fit_logistic(x_fit, torch.as_tensor(y_fit[:, j], dtype=torch.float64), l2)
-            scores[held.numpy(), j] = (x_held @ w + b).numpy()
-    per_label = {name: (auroc(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else float("nan"))
-                 for j, name in enumerate(names)}
+            scores[held, j] = _probe_scores(x_fit, y_fit[:, j], x[held], l2)
+    per_label = {name: auroc(y[:, j], scores[:, j]) for j, name in enumerate(names)}
     valid = [v for v in per_label.values() if not math.isnan(v)]
     return {"per_label": per_label, "macro": float(np.mean(valid)) if valid else float("nan"),
             "fitted_on": len(fit_features) if fit_features is not None else f"{folds}-fold"}
