@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from app.find_tab import COLUMNS, result_markdown, results_table
-from app.zeroshot_panel import ABSENT_COLOUR, PRESENT_COLOUR, CTClipModels, read_findings, zero_shot_figure
+from app.models import CTClipModels
+from app.zeroshot_panel import ABSENT_COLOUR, PRESENT_COLOUR, read_findings, zero_shot_figure
 from engine.labels import LABELS
 from engine.library import DemoLibrary
 
