@@ -1,6 +1,6 @@
 """The "Find CTs" tab: type a report (or a few words), get the K closest CTs, open one with the query's heat map.
 
-Search: the query's CT CLIP text latent against every study's image latent (engine.pipelines.StudyLibrary: the demo
+Search: the query's CT CLIP text latent against every study's image latent (engine.study_library.StudyLibrary: the demo
 phantoms plus the user's indexed CTs), ranked by cosine. Opening a result (the first opens by itself) renders its
 volume in the tab's viewer, shows its report and label vector, draws the heat map of the query on the volume
 (CTClipPipeline.heatmap: which CT-ViT tokens raise the score) over the three planes, and reads its 18 findings
@@ -174,7 +174,7 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
 
     def check_query(text):
         """A bad query is refused before the search touches the table (no error badge on stale results)."""
-        from engine.pipelines import check_query_text  # torch comes with it: imported on first use, not at start-up
+        from engine.query import check_query_text
 
         try:
             check_query_text(text)

@@ -1,6 +1,7 @@
 """The models as the app uses them: loaded once per process and shared by every tab and every browser session.
 
-`CTClipModels` holds the CT CLIP pipeline and the study library (engine.pipelines; the app holds no model code):
+`CTClipModels` holds the CT CLIP pipeline and the study library (engine.pipelines.ctclip, engine.study_library;
+the app holds no model code):
 `CTClipPipeline.from_pretrained(weights, preset)` with app.py's --weights/--preset, and one `StudyLibrary` over it.
 Loading starts in a background thread when the app is built, so the first page answers at once; the first request
 that needs the model waits for it. Without a checkpoint every panel shows one sentence saying how to train it
@@ -47,7 +48,8 @@ class CTClipModels:
             if self._error is not None:
                 raise UserError(self._error)
             if self._pipeline is None:
-                from engine.pipelines import CTClipPipeline, StudyLibrary
+                from engine.pipelines.ctclip import CTClipPipeline
+                from engine.study_library import StudyLibrary
 
                 try:
                     pipeline = CTClipPipeline.from_pretrained(self.weights, self.preset)
@@ -64,11 +66,11 @@ class CTClipModels:
             return self._pipeline, self._library
 
     def pipeline(self):
-        """The engine.pipelines.CTClipPipeline (waits for a load in progress)."""
+        """The engine.pipelines.ctclip.CTClipPipeline (waits for a load in progress)."""
         return self._load()[0]
 
     def library(self):
-        """The engine.pipelines.StudyLibrary over the pipeline (demo studies + the user's indexed CTs)."""
+        """The engine.study_library.StudyLibrary over the pipeline (demo studies + the user's indexed CTs)."""
         return self._load()[1]
 
     def unavailable(self) -> str | None:

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.ctclip import CTCLIP, CTCLIPConfig  # noqa: E402
-from engine.ctvit import CTViT  # noqa: E402
+from engine.models.ctclip import CTCLIP, CTCLIPConfig  # noqa: E402
+from engine.models.ctvit import CTViT  # noqa: E402
 
 REFERENCE_PARAMS = 438_148_761  # shared/manifests/ctclip_v2.counts.json
 REPORT = "Bilateral pleural effusion is present. Mild cardiomegaly. No pulmonary nodule."
@@ -67,10 +67,10 @@ def parameter_counts() -> dict:
 def bench_demo(runs: int) -> dict:
     torch.manual_seed(0)
     model = CTCLIP.build(CTCLIPConfig.demo(), pretrained_text=True).eval()
-    volume = torch.randn(1, 1, *model.config.input_shape).clamp(-1, 1)
+    volume = torch.randn(1, 1, *model.config.vision.input_shape).clamp(-1, 1)
     tokens = model.tokenize([REPORT])
     pair = model.tokenize([REPORT, "No acute findings."])
-    volumes = torch.randn(2, 1, *model.config.input_shape).clamp(-1, 1)
+    volumes = torch.randn(2, 1, *model.config.vision.input_shape).clamp(-1, 1)
     with torch.inference_mode():
         image_s = median_seconds(lambda: model.encode_image(volume), runs)
         text_s = median_seconds(lambda: model.encode_text(**tokens), runs)
@@ -84,7 +84,7 @@ def bench_demo(runs: int) -> dict:
 
     step_s = median_seconds(train_step, max(2, runs // 2))
     return {
-        "input_shape_zyx": list(model.config.input_shape),
+        "input_shape_zyx": list(model.config.vision.input_shape),
         "encode_image_s": round(image_s, 4),
         "encode_text_s": round(text_s, 4),
         "image_text_heatmap_s": round(heat_s, 4),
@@ -96,7 +96,7 @@ def bench_demo(runs: int) -> dict:
 def bench_paper_ctvit() -> dict:
     """One eval forward of the paper CT-ViT (random weights) on a (1, 1, 240, 480, 480) volume."""
     torch.manual_seed(0)
-    vit = CTViT(CTCLIPConfig.paper().ctvit_config()).eval()
+    vit = CTViT(CTCLIPConfig.paper().vision).eval()
     volume = torch.randn(1, 1, 240, 480, 480).clamp(-1, 1)
     rss_before = peak_rss_mb()
     with torch.inference_mode():

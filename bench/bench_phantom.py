@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.labels import LABELS  # noqa: E402
-from engine.phantom import (_resolve_grid, _Scene, load_label_table, sample_anatomy, sample_findings,  # noqa: E402
-                            sample_label_set)
+from engine.phantom import (build_scene, load_label_table, render_scene, resolve_grid, sample_anatomy,  # noqa: E402
+                            sample_findings, sample_label_set)
 
 
 def main(argv=None) -> None:
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
-    grid = _resolve_grid(shape, None)
+    grid = resolve_grid(shape, None)
     table = load_label_table()
     workloads = {
         "normal": lambda seed: [],
@@ -55,17 +55,18 @@ def main(argv=None) -> None:
         for seed in seeds:
             findings = make(seed)
             for run in range(args.runs):
-                scene = _Scene(sample_anatomy(seed), grid, findings, seed)
+                scene = build_scene(sample_anatomy(seed), grid, findings, seed)
+                timings: dict[str, float] = {}
                 if run == 0 and seed == seeds[0]:
                     tracemalloc.start()
                 t = time.perf_counter()
-                scene.render(True)
+                render_scene(scene, True, timings)
                 times.append(time.perf_counter() - t)
                 if tracemalloc.is_tracing():
                     peak = tracemalloc.get_traced_memory()[1]
                     tracemalloc.stop()
                     times.pop()                      # tracemalloc slows the traced run: leave it out of the timing
-                for k, v in scene.timings.items():
+                for k, v in timings.items():
                     stages.setdefault(k, []).append(v)
         print(f"  {name:18s}: median {1e3 * statistics.median(times):6.0f} ms  (min {1e3 * min(times):.0f}, "
               f"max {1e3 * max(times):.0f})  peak memory {peak / 2**20:.0f} MiB")

@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.labels import LABELS  # noqa: E402
-from engine.pipelines import DEMO_CTCLIP_DIR, CTClipPipeline, StudyLibrary, zero_shot_prompts  # noqa: E402
+from engine.models.ctclip import zero_shot_prompts  # noqa: E402
+from engine.pipelines.ctclip import CTClipPipeline  # noqa: E402
+from engine.settings import ctclip_dir  # noqa: E402
+from engine.study_library import StudyLibrary  # noqa: E402
 from engine.volume import read_ct  # noqa: E402
 
 LUNG1 = ROOT.parent / "shared" / "data" / "ct" / "lung1_image.nii.gz"
@@ -39,13 +42,12 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def load_pipeline() -> CTClipPipeline:
-    if (DEMO_CTCLIP_DIR / "config.json").is_file():
+    if (ctclip_dir() / "config.json").is_file():
         return CTClipPipeline.from_pretrained()
-    from engine.ctclip import CTCLIP, CTCLIPConfig
-    from engine.transforms import Preprocessing
+    from engine.models.ctclip import CTCLIP, CTCLIPConfig
 
     print("(no shipped checkpoint: timing an untrained demo-sized model)")
-    return CTClipPipeline(CTCLIP.build(CTCLIPConfig.demo()), Preprocessing.demo(), "untrained")
+    return CTClipPipeline(CTCLIP.build(CTCLIPConfig.demo()), model_id="untrained")
 
 
 def main() -> None:

@@ -43,17 +43,10 @@ def cmd_info(args) -> dict:
                         "intensity": "HU"},
         "demo_grid": {"shape": list(reversed(DEMO_SHAPE_ZYX)), "spacing": list(DEMO_SPACING_XYZ)},
     }
-    out.update(_models_info())
+    from engine.info import models_info
+
+    out.update(models_info())
     return out
-
-
-def _models_info() -> dict:
-    """What trained models the engine has (filled in as the flows land); never fails."""
-    try:
-        from engine import pipelines  # noqa: F401  (added by later issues)
-        return pipelines.models_info()
-    except Exception:  # the trunk may not be installed yet: report no models rather than fail `info`
-        return {"models": {}}
 
 
 def cmd_inspect(args) -> dict:
@@ -107,19 +100,19 @@ def cmd_phantom(args) -> dict:
 
 
 def _pipeline(args):
-    from engine.pipelines import CTClipPipeline
+    from engine.pipelines.ctclip import CTClipPipeline
 
     return CTClipPipeline.from_pretrained(args.weights, preset=args.preset)
 
 
 def _library(args, pipeline):
-    from engine.pipelines import StudyLibrary
+    from engine.study_library import StudyLibrary
 
     return StudyLibrary(pipeline, user_dir=args.library)
 
 
 def cmd_retrieve(args) -> dict:
-    from engine.pipelines import check_query_text
+    from engine.query import check_query_text
 
     text = check_query_text(args.text)  # before loading any model: bad queries answer at once
     if args.k < 1 or args.k > 1000:

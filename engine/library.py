@@ -19,9 +19,10 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.labels import LABELS, Finding, check_labels, label_vector
+from engine.settings import library_studies
 from engine.volume import DEMO_SHAPE_ZYX, Volume
 
-DEFAULT_LIBRARY_PATH = Path(__file__).resolve().parents[1] / "assets" / "library" / "studies.json"
+DEFAULT_LIBRARY_PATH = library_studies()  # a path inside the checkout (no environment variable)
 # Library seeds start here; every training / evaluation seed is below it (see training/build_library.py).
 LIBRARY_SEED_MIN = 1_000_000
 

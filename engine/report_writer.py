@@ -686,7 +686,9 @@ def _impression_item(f: Finding, rng) -> str:
         return _with("consolidation", where)
     if label == "Bronchiectasis":
         return _with(f.kind or "", "bronchiectasis", where)
-    return _with(sev, "interlobular septal thickening", where)
+    if label == "Interlobular septal thickening":
+        return _with(sev, "interlobular septal thickening", where)
+    raise ValueError(f"The report writer has no impression phrase for the label {label!r}.")
 
 
 _NORMAL_IMPRESSIONS = ("Thoracic CT examination within normal limits.",
@@ -760,7 +762,9 @@ def _query_phrase(f: Finding, rng) -> str:
         return _with("consolidation", f"in the {f.lobe}" if f.lobe in LOBES and _chance(rng, 0.5) else "")
     if label == "Bronchiectasis":
         return _with(f.kind or "", "bronchiectasis")
-    return "interlobular septal thickening"
+    if label == "Interlobular septal thickening":
+        return "interlobular septal thickening"
+    raise ValueError(f"The report writer has no query phrase for the label {label!r}.")
 
 
 _NORMAL_QUERIES = ("no acute findings", "normal chest CT", "unremarkable chest CT", "chest CT within normal limits",

@@ -7,11 +7,12 @@ preprocessed volume can still be written with `write_nifti` and overlaid on the 
 Presets (`Preprocessing`) say, for each model, the grid and intensity mapping it was trained with:
 - CTCLIP (CT-CLIP, the reference code): resample to (x, y, z) = (0.75, 0.75, 1.5) mm, clip [-1000, 1000] HU,
   divide by 1000, centre crop/pad to (z, y, x) = 240 x 480 x 480 with -1 (= -1000 HU) -> tensor (1, 240, 480, 480).
-- TEXT2CT (Text2CT's code): orient RAS, clip [-1000, 1000] HU, resample to (0.75, 0.75, 3.0) mm, scale to [0, 1]
+- TEXT2CT (Text2CT's code): clip [-1000, 1000] HU, resample to (0.75, 0.75, 3.0) mm, scale to [0, 1]
   ((HU + 1000) / 2000), then 128 x 512 x 512. The reference RESIZES the resampled volume to that shape trilinearly,
   which changes each axis' spacing by a different factor (distorting the anatomy unless the field of view happens to
   be 384 x 384 x 384 mm); we centre crop/pad instead (`fit="crop_or_pad"`, the spacing stays exact, as the paper
-  describes), and offer `fit="resize"` to reproduce the reference code.
+  describes), and offer `fit="resize"` to reproduce the reference code. Last step: FlipToRAS (the reference orients
+  RAS), a named step of the chain like every other.
 - DEMO: the embedded small models' grid, DEMO_SPACING_XYZ / DEMO_SHAPE_ZYX of engine.volume, clip [-1000, 1000] HU,
   divide by 1000, pad -1.
 Resampling is SimpleITK's linear interpolation (no anti-aliasing, like the references' trilinear
@@ -19,7 +20,7 @@ F.interpolate), with -1000 HU (air) outside the original volume.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,6 +75,8 @@ class ResampleToSpacing:
     def __call__(self, volume: Volume) -> Volume:
         extent = np.asarray(volume.shape_xyz, dtype=float) * np.asarray(volume.spacing, dtype=float)
         shape_xyz = np.maximum(1, np.rint(extent / np.asarray(self.spacing_xyz, dtype=float))).astype(int)
+        if tuple(shape_xyz) == volume.shape_xyz and np.allclose(volume.spacing, self.spacing_xyz, rtol=0, atol=1e-9):
+            return volume  # already on this grid (same size, spacing and centre): resampling is the identity
         return resample_to_grid(volume, tuple(reversed(shape_xyz)), self.spacing_xyz, self.default_value)
 
 
@@ -145,6 +148,25 @@ class ScaleHU:
         return replace(volume, array=array.astype(np.float32), is_hu=False, warnings=list(volume.warnings))
 
 
+# ---------------------------------------------------------------------------------------------------- orientation
+
+@dataclass(frozen=True)
+class FlipToRAS:
+    """Reverse the y and x array axes: an LPS volume (row 0 anterior, column 0 patient's right) becomes RAS-ordered
+    (row 0 posterior, column 0 patient's left), as Text2CT's reference orients its input. The geometry follows
+    (origin at the new first voxel, direction columns of x and y negated), so every voxel keeps its place."""
+
+    def __call__(self, volume: Volume) -> Volume:
+        direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+        nx, ny, _ = volume.shape_xyz
+        sx, sy, _ = volume.spacing
+        origin = np.asarray(volume.origin, dtype=float) + direction @ np.array([(nx - 1) * sx, (ny - 1) * sy, 0.0])
+        flipped = direction * np.array([-1.0, -1.0, 1.0])[None, :]
+        return replace(volume, array=np.ascontiguousarray(volume.array[:, ::-1, ::-1]),
+                       origin=tuple(float(o) for o in origin), direction=tuple(float(d) for d in flipped.ravel()),
+                       warnings=list(volume.warnings))
+
+
 class Compose:
     """Apply steps in order: Compose([ResampleToSpacing(...), ClipHU(...), ...])(volume)."""
 
@@ -181,13 +203,30 @@ class Preprocessing:
         return out_lo + (AIR_HU - lo) * (out_hi - out_lo) / (hi - lo)
 
     def transforms(self) -> Compose:
+        """The whole chain, HU volume in, model-ready volume out (including the RAS flip when asked)."""
         lo, hi = self.clip_hu
         intensity = [ClipHU(lo, hi), ScaleHU(lo, hi, *self.out_range)]
         if self.fit == "resize":
-            return Compose([ClipHU(lo, hi), ResampleToSpacing(self.spacing_xyz), ResizeToShape(self.shape_zyx),
-                            ScaleHU(lo, hi, *self.out_range)])
-        return Compose([ResampleToSpacing(self.spacing_xyz), *intensity,
-                        CenterCropOrPad(self.shape_zyx, self.pad_value)])
+            steps = [ClipHU(lo, hi), ResampleToSpacing(self.spacing_xyz), ResizeToShape(self.shape_zyx),
+                     ScaleHU(lo, hi, *self.out_range)]
+        else:
+            steps = [ResampleToSpacing(self.spacing_xyz), *intensity, CenterCropOrPad(self.shape_zyx, self.pad_value)]
+        if self.orientation == "RAS":
+            steps.append(FlipToRAS())
+        elif self.orientation != "LPS":
+            raise ValueError(f"orientation must be 'LPS' or 'RAS', not {self.orientation!r}")
+        return Compose(steps)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (written as preprocessing.json into a checkpoint folder)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing fields: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @classmethod
     def ctclip(cls) -> "Preprocessing":
@@ -207,11 +246,14 @@ TEXT2CT = Preprocessing.text2ct()
 DEMO = Preprocessing.demo()
 
 
-def to_model_tensor(volume: Volume, preset: Preprocessing = DEMO) -> torch.Tensor:
-    """The preset's transforms applied to an HU volume -> float32 tensor (1, z, y, x) in the preset's units.
-    Axes are LPS-ordered (row 0 anterior, column 0 patient's right) unless preset.orientation == "RAS", where the
-    y and x axes are flipped (row 0 posterior, column 0 patient's left) as Text2CT's reference orients."""
-    array = preset.transforms()(volume).array
-    if preset.orientation == "RAS":
-        array = array[:, ::-1, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+def prepare(volume: Volume, preprocessing: Preprocessing) -> tuple[Volume, torch.Tensor]:
+    """The ONE way from an HU volume to a model input (engine, training and tests call it):
+    (the preprocessed volume with its geometry, float32 tensor (1, z, y, x) in the preset's units)."""
+    prepared = preprocessing.transforms()(volume)
+    return prepared, torch.from_numpy(np.ascontiguousarray(prepared.array, dtype=np.float32))[None]
+
+
+def to_model_tensor(volume: Volume, preprocessing: Preprocessing = DEMO) -> torch.Tensor:
+    """`prepare` without the volume: float32 tensor (1, z, y, x). Axes are LPS-ordered (row 0 anterior, column 0
+    patient's right) unless preprocessing.orientation == "RAS" (the FlipToRAS step: row 0 posterior, column 0 left)."""
+    return prepare(volume, preprocessing)[1]

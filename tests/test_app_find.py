@@ -38,7 +38,7 @@ def test_zero_shot_figure_marks_each_labels_threshold():
 
 def test_pipeline_reads_the_thresholds_of_its_checkpoint(tmp_path):
     import json
-    from engine.pipelines import CTClipPipeline
+    from engine.pipelines.ctclip import CTClipPipeline
     pipe = CTClipPipeline.__new__(CTClipPipeline)
     pipe.directory = tmp_path
     assert pipe.zero_shot_thresholds == {}                        # no metrics.json: no ticks, no error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,22 +28,23 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
 
 def _checkpoint_env(scratch: Path) -> dict:
     """Environment for the app: nothing when the shipped checkpoint and its library latents exist, else a stand-in."""
-    from engine.pipelines import DEMO_CTCLIP_DIR, DEMO_LIBRARY_EMBEDDINGS, _model_id
+    from engine.pipelines.ctclip import model_id
+    from engine.settings import ctclip_dir, library_embeddings
 
-    checkpoint = DEMO_CTCLIP_DIR
+    checkpoint = ctclip_dir()
     env = {}
     if not (checkpoint / "config.json").is_file():
         import torch
 
-        from engine.ctclip import CTCLIP, CTCLIPConfig
+        from engine.models.ctclip import CTCLIP
+        from tests.tiny_models import tiny_ctclip_config
 
         torch.manual_seed(0)
-        cfg = replace(CTCLIPConfig.demo(), vision_dim=64, spatial_depth=1, temporal_depth=1, heads=2, dim_head=32,
-                      latent_dim=64)
+        cfg = tiny_ctclip_config()
         checkpoint = scratch / "ctclip"
         CTCLIP.build(cfg).save_pretrained(checkpoint)
         env["CT_CTCLIP_DIR"] = str(checkpoint)
-    if _embeddings_model_id(DEMO_LIBRARY_EMBEDDINGS) != _model_id(checkpoint):
+    if _embeddings_model_id(library_embeddings()) != model_id(checkpoint):
         out = scratch / "ctclip_embeddings.safetensors"
         _write_subset_embeddings(checkpoint, out, STANDIN_STUDIES)
         env["CT_LIBRARY_EMBEDDINGS"] = str(out)
@@ -63,7 +63,8 @@ def _embeddings_model_id(path: Path) -> str | None:
 def _write_subset_embeddings(checkpoint: Path, out: Path, n: int) -> None:
     """Latents of the first n demo studies, in the shipped file's format (ids + model id in the metadata)."""
     from engine.library import DemoLibrary
-    from engine.pipelines import CTClipPipeline, build_demo_embeddings
+    from engine.pipelines.ctclip import CTClipPipeline
+    from engine.study_library import build_demo_embeddings
 
     ids = [s.id for s in DemoLibrary.load().studies[:n]]
     build_demo_embeddings(CTClipPipeline.from_pretrained(checkpoint, "demo"), out, ids=ids)

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from engine.transforms import (CTCLIP, DEMO, TEXT2CT, CenterCropOrPad, ClipHU, Compose, Preprocessing,
-                               ResampleToSpacing, ScaleHU, resample_to_grid, to_model_tensor)
+from engine.transforms import (CTCLIP, DEMO, TEXT2CT, CenterCropOrPad, ClipHU, Compose, FlipToRAS, Preprocessing,
+                               ResampleToSpacing, ScaleHU, prepare, resample_to_grid, to_model_tensor)
 from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume, read_ct
 
 
@@ -121,6 +121,27 @@ def test_ctclip_and_text2ct_tensors(small):
     torch.testing.assert_close(text2ct, lps.flip(2, 3))             # RAS: y and x reversed
     resized = to_model_tensor(small, Preprocessing.text2ct(fit="resize"))
     assert tuple(resized.shape) == (1, 128, 512, 512) and float(resized[0, 0].max()) > 0.5  # no padding: stretched
+
+
+def test_text2ct_preset_flips_to_ras_as_a_named_step_that_keeps_the_geometry(small):
+    """The RAS flip is a step of the Text2CT chain (so every caller of the chain gets it, the pipeline included),
+    and the flipped volume still places each voxel where it was in the patient."""
+    steps = Preprocessing.text2ct().transforms().steps
+    assert isinstance(steps[-1], FlipToRAS) and not any(isinstance(s, FlipToRAS) for s in CTCLIP.transforms().steps)
+    prepared, tensor = prepare(small, TEXT2CT)
+    assert torch.equal(tensor[0], torch.from_numpy(prepared.array))
+    before = Compose(steps[:-1])(small)
+    np.testing.assert_array_equal(prepared.array, before.array[:, ::-1, ::-1])
+    # voxel (k, j, i) of the flipped array is voxel (k, ny-1-j, nx-1-i) before: same physical point (x, y, z) mm
+    k, j, i = 60, 100, 30
+    nz, ny, nx = before.array.shape
+
+    def point(volume, index_zyx):
+        d = np.asarray(volume.direction).reshape(3, 3)
+        return np.asarray(volume.origin) + d @ (np.asarray(index_zyx[::-1], float) * np.asarray(volume.spacing))
+    np.testing.assert_allclose(point(prepared, (k, j, i)), point(before, (k, ny - 1 - j, nx - 1 - i)), atol=1e-6)
+    # patient's left is now column 0: the direction's x column points to -x (right -> left reversed)
+    assert np.asarray(prepared.direction).reshape(3, 3)[0, 0] == -1.0
 
 
 def test_compose_runs_steps_in_order(small):

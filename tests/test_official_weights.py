@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.ctclip import CTCLIP, CTCLIPConfig
+from engine.models.ctclip import CTCLIP, CTCLIPConfig
 from engine.errors import UserError
-from engine.weights import convert_official_ctclip, load_official_ctclip, map_official_ctclip, read_state_dict
+from tests.tiny_models import tiny_ctclip_config
+from engine.convert.ctclip import convert_official_ctclip, load_official_ctclip, map_official_ctclip, read_state_dict
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 POSITION_IDS = "text_transformer.embeddings.position_ids"
@@ -84,15 +85,15 @@ def test_paper_preset_matches_every_manifest_entry(paper_meta, manifest, counts)
 def test_paper_preset_config_matches_the_reference(counts):
     config = CTCLIPConfig.paper()
     ref = counts["configs"]
-    assert config.text_config == ref["bert"]
-    vit = config.ctvit_config()
+    assert config.text.architecture == ref["bert"] and config.text.family == "bert"
+    vit = config.vision
     assert (vit.dim, vit.codebook_size, vit.image_size, vit.patch_size, vit.temporal_patch_size) == (
         ref["ctvit"]["dim"], ref["ctvit"]["codebook_size"], (ref["ctvit"]["image_size"],) * 2,
         ref["ctvit"]["patch_size"], ref["ctvit"]["temporal_patch_size"])
     assert (vit.spatial_depth, vit.temporal_depth, vit.dim_head, vit.heads) == (4, 4, 32, 8)
-    assert config.grid == (24, 24, 24)
+    assert vit.grid == (24, 24, 24)
     assert config.visual_dim == ref["ctclip"]["dim_image"] and config.latent_dim == ref["ctclip"]["dim_latent"]
-    assert config.text_dim == ref["ctclip"]["dim_text"] and config.max_length == 512
+    assert config.text.hidden_size == ref["ctclip"]["dim_text"] and config.text.max_length == 512
 
 
 # ------------------------------------------------------------------------------------------------ loader on meta
@@ -121,7 +122,7 @@ def test_loader_accepts_the_official_layouts(paper_meta, manifest, prefix, new_v
 
 def test_loader_can_drop_the_unused_modules(manifest):
     config = CTCLIPConfig.paper()
-    config.official_unused_modules = False
+    config.official_extra_projections = config.vision.official_decoder_heads = False
     with torch.device("meta"):
         model = CTCLIP(config)
     mapped, report = map_official_ctclip(fake_official(manifest), model.state_dict())
@@ -149,14 +150,11 @@ def test_loader_reports_missing_and_mismatched_keys(paper_meta, manifest):
 
 
 def small_official_model() -> CTCLIP:
-    """Paper structure (VQ, decoder heads, extra projections) at toy size."""
-    demo = CTCLIPConfig.demo()
-    config = CTCLIPConfig(
-        preset="small-paper", input_shape=(20, 40, 40), patch_size=20, temporal_patch_size=10, vision_dim=32,
-        spatial_depth=1, temporal_depth=1, heads=2, dim_head=8, use_vq=True, codebook_size=64,
-        official_unused_modules=True, text_model=demo.text_model,
-        text_config=dict(demo.text_config, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64), max_length=32, latent_dim=16)
+    """Paper structure (VQ, decoder heads, extra projections, no density input) at toy size: the tests' tiny config
+    (tests/tiny_models.py) with the paper's optional parts switched on."""
+    config = tiny_ctclip_config(small_text=True, input_shape=(20, 40, 40), patch_size=20, temporal_patch_size=10,
+                                use_vq=True, codebook_size=64, official_unused_modules=True, patch_hu_edges=(),
+                                max_length=32, latent_dim=16)
     return CTCLIP(config).eval()
 
 

@@ -14,7 +14,7 @@ from engine.errors import UserError
 from engine.labels import KINDS, LABELS, LOBES, NODE_STATIONS, Finding
 from engine.phantom import (build_label_sets_json, heart_geometry, load_label_table, lymph_station_centres,
                             make_study, phantom_masks, rasterize_tubes, occupancy_volume, render_phantom,
-                            sample_anatomy, sample_findings, sample_label_set, _resolve_grid)
+                            sample_anatomy, sample_findings, sample_label_set, resolve_grid)
 from engine.volume import DEMO_SHAPE_ZYX
 
 SEED = 7
@@ -35,7 +35,7 @@ def dilate(mask, n):
 
 
 def world_to_index(p, shape=DEMO_SHAPE_ZYX):
-    g = _resolve_grid(shape, None)
+    g = resolve_grid(shape, None)
     return tuple(int(round((p[i] - g.origin[i]) / g.spacing[i])) for i in (2, 1, 0))
 
 
@@ -181,7 +181,7 @@ def test_lymphadenopathy_at_named_stations(base):
     stations = ("subcarinal", "right hilar", "right axillary")
     vol = render(Finding("Lymphadenopathy", size_mm=16.0, severity="moderate", stations=stations))
     zz, yy, xx = np.indices(vol.shape)
-    g = _resolve_grid(DEMO_SHAPE_ZYX, None)
+    g = resolve_grid(DEMO_SHAPE_ZYX, None)
     for name in NODE_STATIONS:
         c = centres[name]
         d = np.sqrt(((xx * g.spacing[0] + g.origin[0]) - c[0]) ** 2 + ((yy * g.spacing[1] + g.origin[1]) - c[1]) ** 2
@@ -237,7 +237,7 @@ def test_lung_nodule_round_blob_in_its_lobe(base, lobe, kind, size):
         assert -700 < np.median(vol[comp]) < -300
     else:                                    # small nodules lose their peak to partial volume at 2.7 x 4.7 mm
         assert (20 < peak < 80) if size >= 10 else (-250 < peak < 80)
-    g = _resolve_grid(DEMO_SHAPE_ZYX, None)
+    g = resolve_grid(DEMO_SHAPE_ZYX, None)
     vox = np.prod(g.spacing)
     d_eq = (6 * comp.sum() * vox / np.pi) ** (1 / 3)
     assert 0.5 * max(size, 4.5) < d_eq < 1.8 * max(size, 4.5)
@@ -289,7 +289,7 @@ def test_mosaic_attenuation_patchwork(base):
 
 def airway_zone(seed, extra_mm):
     anat = sample_anatomy(seed)
-    g = _resolve_grid(DEMO_SHAPE_ZYX, None)
+    g = resolve_grid(DEMO_SHAPE_ZYX, None)
     occ = np.zeros(g.shape, np.float32)
     for side in ("right", "left"):
         t = anat.trees[f"{side} airways"]
@@ -365,8 +365,8 @@ def test_label_table_sampling_follows_ctrate(shared_data, tmp_path):
 
 
 def test_shipped_label_sets_json_matches_table():
-    from engine.phantom import LABEL_SETS_JSON
-    back = load_label_table(LABEL_SETS_JSON)
+    from engine import settings
+    back = load_label_table(settings.phantom_label_sets())
     assert back.shape[1] == len(LABELS) and back.shape[0] > 40000
 
 
@@ -411,3 +411,16 @@ def test_seed_without_normal_lymph_nodes_renders():
     """Regression: seed 1,000,234 (demo-0235) draws no normal node at any station; rendering must not fail."""
     vol = render_phantom([], 1_000_234)
     assert vol.array.shape == DEMO_SHAPE_ZYX and np.isfinite(vol.array).all()
+
+
+def test_which_lung_a_finding_is_in_has_one_answer():
+    """engine.phantom.findings is the one home of "which lung": the lobe decides, else the side, else the right lung;
+    a sided finding covers both lungs when bilateral or unsided."""
+    from engine.phantom import finding_lung, finding_sides
+
+    assert finding_lung(Finding("Consolidation", side="right", lobe="lingula")) == "left"
+    assert finding_lung(Finding("Consolidation", side="left", lobe="right middle lobe")) == "right"
+    assert finding_lung(Finding("Lung nodule", side="left")) == "left"
+    assert finding_lung(Finding("Lung nodule")) == "right"
+    assert finding_sides("bilateral") == finding_sides(None) == ("right", "left")
+    assert finding_sides("left") == ("left",)

@@ -23,7 +23,7 @@ TEXTS = ["right pleural effusion and emphysema", "cardiomegaly", "Lung nodule is
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from engine.pipelines import CTClipPipeline
+    from engine.pipelines.ctclip import CTClipPipeline
 
     return CTClipPipeline.from_pretrained()
 

@@ -2,31 +2,71 @@
 do not depend on training) and on the shipped demo checkpoint (behaviour that depends on it)."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 from engine.errors import UserError
 from engine.labels import LABELS
-from engine.pipelines import (DEMO_CTCLIP_DIR, CTClipPipeline, StudyLibrary, check_query_text, zero_shot_prompts)
+from engine.models.ctclip import zero_shot_prompts
+from engine.pipelines.base import Cancelled
+from engine.pipelines.ctclip import CTClipPipeline
+from engine.query import check_query_text
+from engine.settings import ctclip_dir
+from engine.study_library import StudyLibrary
 from engine.volume import read_ct
+from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_config
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    """A real CT CLIP with small towers (random CT-ViT, pretrained MiniLM text tower) saved and reloaded as assets are."""
-    from engine.ctclip import CTCLIP, CTCLIPConfig
-    from engine.transforms import Preprocessing
+    """A real CT CLIP with small towers (random CT-ViT, pretrained MiniLM text tower) saved and reloaded as assets are;
+    the pipeline takes its preprocessing from the folder (preprocessing.json)."""
+    from engine.models.ctclip import CTCLIP
 
     torch.manual_seed(0)
-    config = replace(CTCLIPConfig.demo(), vision_dim=32, spatial_depth=1, temporal_depth=1, heads=2, dim_head=16,
-                     latent_dim=32, max_length=64)
     directory = tmp_path_factory.mktemp("tiny_ctclip")
-    CTCLIP.build(config).save_pretrained(directory)
+    CTCLIP.build(tiny_ctclip_config()).save_pretrained(directory)
     model = CTCLIP.from_pretrained(directory)
-    return CTClipPipeline(model, Preprocessing.demo(), "tiny-test")
+    return CTClipPipeline(model, model_id="tiny-test")
+
+
+def test_preprocessing_comes_from_the_checkpoint_folder(tiny_pipeline):
+    assert tiny_pipeline.preprocessing.shape_zyx == TINY_SHAPE
+    assert tiny_pipeline.preprocessing.spacing_xyz == pytest.approx(TINY_SPACING)
+
+
+def test_seed_gives_a_generator_and_a_generator_passes_through():
+    from engine.pipelines.base import make_generator
+
+    a, b = make_generator(7), make_generator(7)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    assert not torch.equal(torch.rand(4, generator=make_generator(7)), torch.rand(4, generator=make_generator(8)))
+    own = torch.Generator().manual_seed(1)
+    assert make_generator(own) is own
+
+
+def test_progress_and_cancel_follow_the_pipeline_convention(tiny_pipeline, lung1_path):
+    import threading
+
+    volume = read_ct(lung1_path)
+    seen = []
+    tiny_pipeline.zero_shot(volume, progress=lambda fraction, message: seen.append((fraction, message)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(isinstance(m, str) and m for _, m in seen)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        tiny_pipeline.zero_shot(volume, cancel=stop)
+    calls = []
+
+    def cancel_after_first_step():   # a callable works as well as an Event; checked between steps
+        calls.append(1)
+        return len(calls) > 1
+    with pytest.raises(Cancelled):
+        tiny_pipeline.heatmap(volume, "right pleural effusion", cancel=cancel_after_first_step)
+    assert len(calls) == 2
 
 
 def test_query_text_checks():
@@ -61,15 +101,20 @@ def test_zero_shot_uses_cached_prompts_and_matches_the_reference_loop(tiny_pipel
         assert probs[label] == pytest.approx(float(logits.softmax(0)[0]), abs=1e-5)
 
 
-def test_heatmap_is_exact_and_on_the_volume_grid(tiny_pipeline, lung1_path):
+def test_heatmap_score_is_the_cosine_and_the_map_is_the_models_token_shares(tiny_pipeline, lung1_path):
     volume = read_ct(lung1_path)
     heat, score = tiny_pipeline.heatmap(volume, "mass in the right upper lobe")
     assert heat.shape == volume.array.shape
-    assert heat.min() >= 0 and heat.max() <= 1 + 1e-6
-    # The token shares add up to the cosine score exactly (linear head, mean pooling).
+    assert heat.min() >= 0 and 0.5 < heat.max() <= 1 + 1e-6  # scaled to [0, 1]; linear resampling keeps the peak
+    # The token shares add up to the cosine score (linear head, mean pooling).
     image = tiny_pipeline.embed_volume(volume)
     query = tiny_pipeline.embed_query("mass in the right upper lobe")
-    assert score == pytest.approx(float(image @ query), abs=1e-4)
+    assert score == pytest.approx(float(image @ query), abs=1e-5)
+    # and they are CTCLIP.token_scores' (the tested decomposition), not a second copy of its algebra
+    _, tokens = tiny_pipeline.volume_tokens(volume)
+    with torch.no_grad():
+        shares = tiny_pipeline.model.token_scores(tokens, torch.from_numpy(query))[0]
+    assert score == pytest.approx(float(shares.sum()), abs=1e-6)
 
 
 def test_library_search_ranks_by_cosine_and_indexes_idempotently(tiny_pipeline, tmp_path, shared_data):
@@ -92,7 +137,7 @@ def test_library_search_ranks_by_cosine_and_indexes_idempotently(tiny_pipeline, 
 
 # ------------------------------------------------------------------------------------ the shipped demo checkpoint
 
-shipped = pytest.mark.skipif(not (DEMO_CTCLIP_DIR / "config.json").is_file(), reason="no shipped CT CLIP checkpoint")
+shipped = pytest.mark.skipif(not (ctclip_dir() / "config.json").is_file(), reason="no shipped CT CLIP checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +178,7 @@ def test_demo_text_retrieval_finds_matching_studies(demo_pipeline, tmp_path):
 
 
 def test_weights_folder_loading(tiny_pipeline, tmp_path):
-    from engine.weights import load_ctclip_directory
+    from engine.convert.ctclip import load_ctclip_directory
 
     with pytest.raises(UserError):
         load_ctclip_directory(tmp_path / "missing")

@@ -15,18 +15,9 @@ import torch.multiprocessing as tmp_mp
 from engine.labels import LABELS
 from training.ctclip_data import (LIBRARY_SEED_MIN, REAL_SEED_BASE, TEST_SEED_BASE, CachePlan, CTCLIPDataset,
                                   PhantomCache, build_cache, load_real_reports)
-from training.train_ctclip import (ContrastiveStep, FrozenTextPrefix, StepSampler, TrainConfig, build_model,
-                                   model_preprocessing, train)
-
-# A tiny grid keeps rendering fast: 16 x 32 x 32 voxels over the demo field of view.
-TINY_SHAPE = (16, 32, 32)
-TINY_SPACING = (350.0 / 32, 350.0 / 32, 300.0 / 16)
-
-
-def tiny_overrides() -> dict:
-    """A CT CLIP small enough for a 2-step CPU test on the tiny grid (the MiniLM text tower stays as it is)."""
-    return dict(input_shape=TINY_SHAPE, patch_size=16, temporal_patch_size=8, vision_dim=32, spatial_depth=1,
-                temporal_depth=1, heads=2, dim_head=16, latent_dim=32)
+from engine.models.text import FrozenTextPrefix
+from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_overrides as tiny_overrides
+from training.train_ctclip import ContrastiveStep, StepSampler, TrainConfig, build_model, train
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +123,7 @@ def test_paired_text_is_another_description_of_the_same_study(tiny_cache):
 def test_centred_heads_spread_the_initial_latents(tiny_cache):
     from training.train_ctclip import center_latent_heads
     model = build_model(TrainConfig(preset="demo", text_max_length=64, model_overrides=tiny_overrides()))
-    ds = CTCLIPDataset(PhantomCache(tiny_cache), model_preprocessing(model.config), augment=False)
+    ds = CTCLIPDataset(PhantomCache(tiny_cache), model.preprocessing, augment=False)
     stats = center_latent_heads(model, ds, FrozenTextPrefix(model, 4, 64), n=6)
     assert stats["text_cos_after"] < stats["text_cos_before"] - 0.2
     assert stats["image_cos_after"] < stats["image_cos_before"]
@@ -177,7 +168,7 @@ def test_cls_only_top_layer_is_exact():
 
 def test_label_head_adds_a_supervised_term_that_reaches_both_towers(tiny_cache):
     model = build_model(TrainConfig(preset="demo", text_max_length=64, model_overrides=tiny_overrides()))
-    ds = CTCLIPDataset(PhantomCache(tiny_cache), model_preprocessing(model.config), augment=False,
+    ds = CTCLIPDataset(PhantomCache(tiny_cache), model.preprocessing, augment=False,
                        paired_text=True, with_labels=True)
     from training.train_ctclip import collate
     volumes, texts, texts2, labels = collate([ds[i] for i in range(4)])
@@ -208,8 +199,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, cach
     import torch.distributed as dist
     from training.ctclip_data import CTCLIPDataset, PhantomCache
     cfg = replace(TrainConfig(**cfg_dict), steps=steps)
-    model_cfg = build_model(cfg).config
-    dataset = CTCLIPDataset(PhantomCache(Path(cache)), model_preprocessing(model_cfg), augment=True, seed=0,
+    dataset = CTCLIPDataset(PhantomCache(Path(cache)), build_model(cfg).preprocessing, augment=True, seed=0,
                             paired_text=cfg.text_text_weight > 0, with_labels=cfg.label_loss_weight > 0)
     train(cfg, Path(out), resume=resume, progress=False, dataset=dataset)
     # every rank holds the same weights after the all-reduced steps
@@ -234,7 +224,7 @@ def test_ddp_two_cpu_processes_two_steps_and_resume(tiny_cache, tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     before = ckpt["model"]
     # the DDP checkpoint resumes in a single process (same names: DDP's "module." prefix is not stored)
-    dataset = CTCLIPDataset(PhantomCache(tiny_cache), model_preprocessing(build_model(cfg).config), augment=True,
+    dataset = CTCLIPDataset(PhantomCache(tiny_cache), build_model(cfg).preprocessing, augment=True,
                             seed=0, paired_text=True, with_labels=True)
     train(replace(cfg, steps=3), out, resume=True, progress=False, dataset=dataset)
     after = torch.load(out / "ckpt.pt", weights_only=False)
@@ -246,7 +236,7 @@ def test_ddp_two_cpu_processes_two_steps_and_resume(tiny_cache, tmp_path):
 
 def test_eval_writes_metrics(tmp_path):
     """ctclip-eval on a tiny untrained checkpoint and a 4-study test split: every metric present and in range."""
-    from training.eval_ctclip import evaluate, zero_shot_probs
+    from training.eval_ctclip import evaluate
     model = build_model(TrainConfig(preset="demo", text_max_length=48, model_overrides=tiny_overrides()))
     ckpt = model.save_pretrained(tmp_path / "ckpt")
     metrics = evaluate(ckpt, cache_root=tmp_path / "cache", n_test=4, plan_size=5, bootstrap=20)
@@ -259,18 +249,19 @@ def test_eval_writes_metrics(tmp_path):
     lines = (tmp_path / "cache" / "test" / "studies.jsonl").read_text().splitlines()
     seeds = [json.loads(line)["seed"] for line in lines]
     assert min(seeds) == TEST_SEED_BASE
-    # softmax over the (present, not present) pair
+    # zero-shot: a softmax over the (present, not present) pair is the logistic of the scaled cosine difference
+    from engine.models.ctclip import zero_shot_probabilities
     img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     pos, neg = torch.nn.functional.normalize(torch.randn(18, 8), dim=-1), torch.nn.functional.normalize(
         torch.randn(18, 8), dim=-1)
-    p = zero_shot_probs(img, pos, neg, scale=10.0)
+    p = zero_shot_probabilities(img, torch.stack([pos, neg], dim=1), scale=10.0)
     want = 1 / (1 + torch.exp(-10.0 * (img @ pos.t() - img @ neg.t())))
-    np.testing.assert_allclose(p, want.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(p.numpy(), want.numpy(), rtol=1e-5)
 
 
 def test_export_leaves_the_frozen_text_layers_to_the_text_package(tmp_path):
     """ctclip-export drops the pretrained MiniLM tensors the run froze; loading restores them bit for bit."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP
     from training.train_ctclip import export_checkpoint
     cfg = TrainConfig(preset="demo", text_max_length=48, frozen_text_layers=5, model_overrides=tiny_overrides())
     run = tmp_path / "run"
@@ -284,11 +275,11 @@ def test_export_leaves_the_frozen_text_layers_to_the_text_package(tmp_path):
     full_mb = (run / "model" / "model.safetensors").stat().st_size / 1e6
     assert out["mb"] < full_mb / 2                                    # the MiniLM prefix is most of the file
     loaded = CTCLIP.from_pretrained(tmp_path / "asset")
-    assert loaded.config.pretrained_text_tensors
+    assert loaded.config.text.pretrained_tensors
     want = model.state_dict()
     for name, tensor in loaded.state_dict().items():
         expected = want[name].half().float() if (want[name].ndim >= 2 and name not in
-                                                  loaded.config.pretrained_text_tensors) else want[name]
+                                                  loaded.config.text.pretrained_tensors) else want[name]
         assert torch.equal(tensor, expected), name
 
 

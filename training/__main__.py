@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from engine import settings
 
 
 def _ctclip(args) -> int:
@@ -36,7 +36,7 @@ def _ctclip(args) -> int:
     if cfg.preset == "paper" and not (cfg.data_root and cfg.reports_csv and cfg.metadata_csv):
         print("error: the paper preset needs --data-root, --reports-csv and --metadata-csv (CT-RATE).", file=sys.stderr)
         return 2
-    out = Path(args.out or ROOT / "runs" / f"ctclip-{cfg.preset}")
+    out = Path(args.out or settings.training_runs_dir() / f"ctclip-{cfg.preset}")
     summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
@@ -83,13 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--metadata-csv")
     p.set_defaults(func=_ctclip)
     e = sub.add_parser("ctclip-eval", help="evaluate a CT CLIP checkpoint on the held-out phantom test split")
-    e.add_argument("--checkpoint", default=str(ROOT / "assets" / "ctclip"))
+    e.add_argument("--checkpoint", default=str(settings.ASSETS / "ctclip"))
     e.add_argument("--cache", help="phantom cache directory (default cache/ctclip-demo)")
     e.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
     e.set_defaults(func=_ctclip_eval)
     x = sub.add_parser("ctclip-export", help="copy a run's model to assets/ctclip (float16)")
-    x.add_argument("--run", default=str(ROOT / "runs" / "ctclip-demo"))
-    x.add_argument("--out", default=str(ROOT / "assets" / "ctclip"))
+    x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
+    x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
     x.set_defaults(func=_ctclip_export)
     args = parser.parse_args(argv)
     from engine.errors import UserError

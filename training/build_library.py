@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if args.embeddings:
-        from engine.pipelines import CTClipPipeline, build_demo_embeddings
+        from engine.pipelines.ctclip import CTClipPipeline
+        from engine.study_library import build_demo_embeddings
 
         pipeline = CTClipPipeline.from_pretrained(args.checkpoint)
         path = build_demo_embeddings(pipeline, progress=lambda s: tqdm(s, desc="encoding studies", unit="study"))

@@ -38,6 +38,8 @@ import torch
 from tqdm import tqdm
 
 from engine.labels import LABELS
+from engine.settings import shared_data
+from engine.transforms import to_model_tensor
 from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume
 
 TRAIN_SEED_BASE = 0
@@ -47,8 +49,6 @@ LIBRARY_SEED_MIN = 1_000_000
 REAL_RETRY_STRIDE = 1_000          # a real row whose phantom cannot be drawn retries seed + k * 1000 (k < 5)
 REAL_RETRIES = 5
 TEST_PLAN_SIZE = 320               # test seeds rendered; evaluation uses the first 300 that render
-SHARED_DATA = Path(os.environ.get("CT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-REAL_REPORTS_CSV = SHARED_DATA / "ctrate_reports" / "reports_with_labels.csv"
 AIR_HU = -1000
 
 
@@ -85,9 +85,15 @@ class CachePlan:
         return {"index": index, "seed": REAL_SEED_BASE + row, "kind": "real", "row": row}
 
 
-def load_real_reports(csv_path: Path = REAL_REPORTS_CSV) -> pd.DataFrame:
+def real_reports_csv() -> Path:
+    """The 800 real CT-RATE reports with their hand-set labels (under $CT_SHARED_DATA, engine.settings)."""
+    return shared_data() / "ctrate_reports" / "reports_with_labels.csv"
+
+
+def load_real_reports(csv_path: Path | None = None) -> pd.DataFrame:
     """The 800 real CT-RATE reports: columns text ("Findings: ... Impression: ...") and labels (list of names)."""
-    df = pd.read_csv(csv_path)
+    df = pd.read_csv(csv_path or real_reports_csv())
+
     def text(r):
         findings = str(r["findings"]).strip()
         impression = r["impression"]
@@ -165,9 +171,10 @@ def read_records(root: Path) -> dict[int, dict]:
     return out
 
 
-def build_cache(root: Path, plan: CachePlan, workers: int = 2, real_csv: Path | None = REAL_REPORTS_CSV,
+def build_cache(root: Path, plan: CachePlan, workers: int = 2, real_csv: Path | None = None,
                 progress: bool = True) -> Path:
-    """Render every study of `plan` not yet in `root` (resumes an interrupted build). Returns `root`."""
+    """Render every study of `plan` not yet in `root` (resumes an interrupted build). Returns `root`.
+    real_csv: the real reports (default real_reports_csv())."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     meta_path, vol_path = root / "meta.json", root / "volumes.npy"
@@ -192,7 +199,7 @@ def build_cache(root: Path, plan: CachePlan, workers: int = 2, real_csv: Path | 
     if not todo:
         return root
     needs_real = any(j["kind"] == "real" for j in todo)
-    init_args = (asdict(plan), str(real_csv) if needs_real else None)
+    init_args = (asdict(plan), str(real_csv or real_reports_csv()) if needs_real else None)
     bar = tqdm(total=plan.n_total, initial=plan.n_total - len(todo), desc=f"phantoms ({plan.split})", unit="study",
                disable=not progress)
     with open(root / "studies.jsonl", "a") as log:
@@ -244,24 +251,10 @@ class PhantomCache:
         return m
 
 
-def hu_to_model(hu: np.ndarray, spacing_xyz, preset) -> torch.Tensor:
-    """HU (z, y, x) -> the model's input tensor (1, z, y, x) via engine.transforms (the app's exact path).
-
-    When the volume is already on the preset's grid (the cache renders on it) and in LPS, resampling is the identity,
-    so only the intensity steps run (4x faster; tests check it equals to_model_tensor)."""
-    from engine.transforms import ClipHU, ScaleHU, to_model_tensor
-    same_grid = tuple(hu.shape) == tuple(preset.shape_zyx) and np.allclose(spacing_xyz, preset.spacing_xyz)
-    if same_grid and preset.orientation == "LPS" and preset.fit == "crop_or_pad":
-        lo, hi = preset.clip_hu
-        v = ScaleHU(lo, hi, *preset.out_range)(ClipHU(lo, hi)(Volume(array=hu, spacing=tuple(spacing_xyz))))
-        return torch.from_numpy(np.ascontiguousarray(v.array, dtype=np.float32))[None]
-    t = to_model_tensor(Volume(array=hu, spacing=tuple(spacing_xyz)), preset)
-    t = torch.as_tensor(t, dtype=torch.float32)
-    while t.dim() > 4:               # tolerate a leading batch axis
-        t = t[0]
-    if t.dim() == 3:
-        t = t[None]
-    return t
+def hu_to_model(hu: np.ndarray, spacing_xyz, preprocessing) -> torch.Tensor:
+    """A cached HU array (z, y, x) at `spacing_xyz` mm -> the model's input tensor (1, z, y, x) by the engine's one
+    path (engine.transforms.to_model_tensor; on the preset's own grid its resampling step is the identity)."""
+    return to_model_tensor(Volume(array=hu, spacing=tuple(float(s) for s in spacing_xyz)), preprocessing)
 
 
 @dataclass
@@ -291,9 +284,6 @@ class CTCLIPDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.cache)
-
-    def text_for(self, i: int, rng: np.random.Generator) -> str:
-        return self.cache.records[i][self._kind(i, rng)]
 
     def _kind(self, i: int, rng: np.random.Generator) -> str:
         rec = self.cache.records[i]

@@ -3,8 +3,8 @@
     python -m training ctclip-eval --checkpoint assets/ctclip      # writes assets/ctclip/metrics.json
 
 Metrics (definitions in training/evaluate.py, CT-CLIP's, bugs fixed):
-- zero-shot: per label, prompts "{label} is present." / "{label} is not present.", softmax over the pair of
-  logits -> P(present); per-label AUROC, PR-AUC and CT-CLIP's top-left-threshold F1/accuracy/precision; macro means;
+- zero-shot: CT-CLIP's prompts and rule, the app's own (engine.models.ctclip.zero_shot_probabilities) -> P(present);
+  per-label AUROC, PR-AUC and CT-CLIP's top-left-threshold F1/accuracy/precision; macro means;
 - report -> volume Recall@{5, 10, 50, 100}: each study's generated report ("Findings: ... Impression: ...") against
   all test volumes, positive found by seed; also the short query ("right pleural effusion") -> volume;
 - volume -> volume MAP@{1, 5, 10, 50} with label-IoU relevance.
@@ -20,13 +20,8 @@ import numpy as np
 import torch
 
 from engine.labels import LABELS
+from engine.settings import training_cache_dir
 from training.ctclip_data import TEST_PLAN_SIZE
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def zero_shot_prompts() -> tuple[list[str], list[str]]:
-    return [f"{n} is present." for n in LABELS], [f"{n} is not present." for n in LABELS]
 
 
 @torch.no_grad()
@@ -49,11 +44,11 @@ def encode_cache_images(model, cache, preset, batch_size: int = 8) -> torch.Tens
     return torch.cat(out)
 
 
-def zero_shot_probs(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, scale: float) -> np.ndarray:
-    """(N, 18) P(present) = softmax over the (present, not present) pair of scaled cosine logits."""
-    pos = scale * image_emb @ pos_emb.t()
-    neg = scale * image_emb @ neg_emb.t()
-    return torch.softmax(torch.stack([pos, neg], -1), -1)[..., 0].numpy()
+def zero_shot_probs(image_emb: torch.Tensor, model) -> np.ndarray:
+    """(N, 18) P(present) by CT-CLIP's rule (engine.models.ctclip.zero_shot_probabilities, the app's own)."""
+    from engine.models.ctclip import all_zero_shot_prompts, zero_shot_probabilities
+    prompts = encode_texts(model, all_zero_shot_prompts()).reshape(len(LABELS), 2, -1)
+    return zero_shot_probabilities(image_emb, prompts, float(model.logit_scale.detach())).numpy()
 
 
 def image_probe(model, preset, image_np: np.ndarray, labels: np.ndarray, train_root: Path, n_fit: int) -> dict:
@@ -75,17 +70,16 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
 
     The image linear probe is fitted on the latents of the first `probe_fit` training studies when the training
     cache (CACHE/train) is there, else cross-validated on the test split."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP, ZERO_SHOT_PROMPTS
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
     from training.evaluate import (bootstrap_ci, map_at_k, map_at_k_bounds, recall_at_k, write_metrics_json,
                                    zero_shot_metrics)
-    from training.train_ctclip import model_preprocessing
 
     t0 = time.time()
     checkpoint = Path(checkpoint)
     model = CTCLIP.from_pretrained(checkpoint).float().eval()
-    preset = model_preprocessing(model.config)
-    cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+    preset = model.preprocessing                     # the checkpoint folder's own input preparation
+    cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
     test_root = cache_root / "test"
     build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
     cache = PhantomCache(test_root)
@@ -98,9 +92,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     image = encode_cache_images(model, cache, preset)
     reports = encode_texts(model, [r["report"] for r in cache.records])
     queries = encode_texts(model, [r["query"] for r in cache.records])
-    pos_texts, neg_texts = zero_shot_prompts()
-    scale = float(model.logit_scale.detach())
-    probs = zero_shot_probs(image, encode_texts(model, pos_texts), encode_texts(model, neg_texts), scale)
+    probs = zero_shot_probs(image, model)
 
     zs = zero_shot_metrics(probs, labels)
     report_sim = (reports @ image.t()).numpy()
@@ -141,7 +133,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     if write:
         write_metrics_json(Path(out or checkpoint / "metrics.json"), metrics, n=len(ids),
                            split=f"phantom test seeds {ids[0]}..{ids[-1]} (held out)",
-                           gallery=len(ids), prompts=["{label} is present.", "{label} is not present."],
+                           gallery=len(ids), prompts=list(ZERO_SHOT_PROMPTS),
                            eval_seconds=time.time() - t0, trained_steps=trained.get("checkpoint_step"),
                            trained_seconds=trained.get("last_log", {}).get("elapsed_s"))
     return metrics

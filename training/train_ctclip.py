@@ -3,14 +3,15 @@
     python -m training ctclip --preset demo                 # phantom data, this CPU, ~1 h (see docs/training.md)
     torchrun --nproc_per_node 8 -m training ctclip --preset paper --data-root /data/CT-RATE/dataset [--fsdp]
 
-One loop for both presets:
-- loss = (CE(logits_i2t) + CE(logits_t2i)) / 2 over the local batch, logits = exp(temperature) * cos-sim;
-- Adam, linear warm-up then cosine decay (demo) / constant lr (paper, as the reference), grad-norm clip;
-- autocast (bf16) on GPU; DDP (gloo on CPU, nccl on GPU) when started by torchrun; `--fsdp` shards with FSDP2
-  (fully_shard per transformer block) and checkpoints the FULL state dict gathered on rank 0 (the reference's FSDP
-  users got incomplete sharded checkpoints);
-- a checkpoint every `ckpt_every_s` seconds / `ckpt_every` steps and at the end: model, optimizer, step, rng states,
-  written atomically (tmp + rename); `--resume` continues from it bit-for-bit in the data stream.
+The CT-CLIP parts of training; training/loop.py runs them (DDP/FSDP from torchrun, the step sampler, warm-up +
+cosine lr, time budget, autocast on GPU, grad clip, atomic checkpoints with optimizer + rng + step, --resume):
+- loss = (CE(logits_i2t) + CE(logits_t2i)) / 2 over the local batch, logits = exp(temperature) * cos-sim, plus the
+  demo's optional text-text and label terms (ContrastiveStep);
+- Adam(W) with parameter groups (pretrained text layers, added tensors, no decay on biases/norms/temperature),
+  linear warm-up then cosine decay (demo) / constant lr (paper, as the reference), grad-norm clip 0.5 (paper);
+- under `--fsdp` each transformer block is its own FSDP unit (shard_units); checkpoints hold the FULL state dict
+  gathered on rank 0 (the reference's FSDP users got incomplete sharded checkpoints), and RUN/model is written by
+  save_pretrained at every checkpoint.
 
 Demo speed lever (measured, docs/training.md): the lower MiniLM layers are frozen and their outputs cached per
 distinct text (the texts come from a finite set: each study's report, query and real report), so a step runs only
@@ -20,10 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
+from training.loop import Dist, LoopConfig, StepSampler, TrainingLoop  # noqa: F401 (tests import StepSampler here)
+
+from engine.models.losses import symmetric_infonce
+from engine.models.text import FrozenTextPrefix
+from engine.settings import training_cache_dir
 
 
 @dataclass
@@ -95,128 +96,6 @@ class TrainConfig:
                    amp=True, ckpt_every=1000, ckpt_every_s=3600, log_every=50, text_max_length=512, num_workers=8)
 
 
-# ---------------------------------------------------------------------------------------------- distributed set-up
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """Join the process group torchrun set up (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
-
-
-# --------------------------------------------------------------------------------------------------- text features
-
-def text_tower(model) -> nn.Module:
-    """The BertModel inside the CT CLIP."""
-    for name in ("text_transformer", "text_encoder", "text_model", "bert"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module) and hasattr(module, "encoder"):
-            return module
-    raise AttributeError("the CT CLIP has no BERT text tower attribute (text_transformer)")
-
-
-class FrozenTextPrefix:
-    """Runs the embeddings + the lower `n_frozen` BERT layers once per distinct text (no grad, eval mode) and keeps
-    the result (fp16 on CPU), so a training step runs only the upper layers. Exact: frozen layers are deterministic
-    in eval mode. Memory: n_texts x tokens x 384 x 2 bytes (about 100 kB per 128-token text)."""
-
-    def __init__(self, model, n_frozen: int, max_length: int, cache: bool = True):
-        self.model, self.n_frozen, self.max_length, self.cache = model, n_frozen, max_length, cache
-        self.bert = text_tower(model)
-        self.store: dict[str, torch.Tensor] = {}
-        for p in self.bert.embeddings.parameters():
-            p.requires_grad_(False)
-        for layer in self.bert.encoder.layer[:n_frozen]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
-
-    def tokenize(self, texts: list[str]) -> dict:
-        return self.model.tokenize(texts)
-
-    @torch.no_grad()
-    def _prefix(self, texts: list[str]) -> list[torch.Tensor]:
-        tok = self.tokenize(texts)
-        ids, mask = tok["input_ids"], tok["attention_mask"]
-        was_training = self.bert.training
-        self.bert.eval()
-        h = self.bert.embeddings(input_ids=ids)
-        ext = _bert_mask(self.bert, h, mask)
-        for layer in self.bert.encoder.layer[:self.n_frozen]:
-            h = _layer(layer, h, ext)
-        self.bert.train(was_training)
-        lengths = mask.sum(1).tolist()
-        return [h[i, :n].to(torch.float16) for i, n in enumerate(lengths)]
-
-    def hidden(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 384) float32 hidden states after the frozen layers, (B, T) attention mask (dynamic padding)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self.store]
-        if missing:
-            for t, h in zip(missing, self._prefix(missing)):
-                if self.cache:
-                    self.store[t] = h
-                else:
-                    self.store.setdefault(t, h)
-        rows = [self.store[t] for t in texts]
-        if not self.cache:
-            for t in missing:
-                self.store.pop(t, None)
-        T = max(r.shape[0] for r in rows)
-        h = torch.zeros(len(rows), T, rows[0].shape[1])
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            h[i, :r.shape[0]] = r.float()
-            mask[i, :r.shape[0]] = 1
-        return h, mask
-
-
-def _bert_mask(bert, h, mask):
-    """The additive attention mask BertModel.forward builds from a (B, T) 0/1 mask (transformers' own helper)."""
-    from transformers.masking_utils import create_bidirectional_mask
-    return create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=mask)
-
-
-def _layer(layer, h, ext_mask):
-    out = layer(h, attention_mask=ext_mask)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def cls_only_layer(layer, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A BertLayer's output at the [CLS] position only: (B, T, d) hidden states, (B, T) 0/1 mask -> (B, 1, d).
-
-    Exact (the [CLS] row of a BERT layer depends on the other tokens only through its attention's keys and values),
-    and about 1/6 of the layer's work at 400 tokens. By hand because transformers computes every position."""
-    att = layer.attention.self
-    b, t, _ = h.shape
-    heads, size = att.num_attention_heads, att.attention_head_size
-
-    def split(x):
-        return x.view(b, -1, heads, size).transpose(1, 2)
-    q = split(att.query(h[:, :1]))
-    k, v = split(att.key(h)), split(att.value(h))
-    bias = torch.zeros(b, 1, 1, t, dtype=h.dtype, device=h.device).masked_fill(~mask.bool()[:, None, None, :],
-                                                                               torch.finfo(h.dtype).min)
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
-    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
-    x = layer.attention.output(ctx, h[:, :1])                          # dense + dropout + LayerNorm(+ residual)
-    return layer.output(layer.intermediate(x), x)
 
 
 class ContrastiveStep(nn.Module):
@@ -227,26 +106,17 @@ class ContrastiveStep(nn.Module):
     def __init__(self, model, prefix: FrozenTextPrefix | None = None, cls_only_top_layer: bool = False,
                  n_labels: int = 0):
         super().__init__()
-        self.model, self.prefix_layers = model, (prefix.n_frozen if prefix else 0)
+        self.model, self.prefix = model, prefix
         self.cls_only_top_layer = cls_only_top_layer
         self.label_head = nn.Linear(model.config.latent_dim, n_labels) if n_labels else None
 
     def encode_text_from_hidden(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        bert = text_tower(self.model)
-        layers = bert.encoder.layer[self.prefix_layers:]
-        if self.cls_only_top_layer and len(layers):
-            layers, top = layers[:-1], layers[-1]
-        else:
-            top = None
-        ext = _bert_mask(bert, h, mask)
-        for layer in layers:
-            h = _layer(layer, h, ext)
-        if top is not None:
-            h = cls_only_layer(top, h, mask)
-        return F.normalize(self.model.to_text_latent(h[:, 0]), dim=-1)      # [CLS], as CTCLIP.encode_text
+        """Cached hidden states after the frozen prefix -> unit text latent, as CTCLIP.encode_text."""
+        features = self.prefix.features(h, mask, cls_only_top_layer=self.cls_only_top_layer)
+        return self.model.text_latent_from_features(features)
 
     def encode_text(self, a, b):
-        return self.encode_text_from_hidden(a, b) if self.prefix_layers else self.model.encode_text(a, b)
+        return self.encode_text_from_hidden(a, b) if self.prefix is not None else self.model.encode_text(a, b)
 
     def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0,
                 labels=None, label_loss_weight: float = 0.0):
@@ -270,12 +140,6 @@ class ContrastiveStep(nn.Module):
             bce = [F.binary_cross_entropy_with_logits(self.label_head(z), target) for z in latents]
             loss = loss + label_loss_weight * torch.stack(bce).mean()
         return loss, logits.detach()
-
-
-def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
-    """(CE(rows) + CE(columns)) / 2 with the diagonal as positives."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def _stack_padded(a1, m1, a2, m2):
@@ -304,71 +168,16 @@ def demo_train_cache(cfg: TrainConfig, cache_root: Path, progress: bool = True):
 
 def _demo_grid(cfg: TrainConfig):
     """(shape (z, y, x), spacing (x, y, z) mm) of the phantom renders = the model's input grid."""
-    pre = model_preprocessing(model_config(cfg))
+    pre = model_config(cfg).default_preprocessing()
     return tuple(pre.shape_zyx), tuple(pre.spacing_xyz)
 
 
 def model_config(cfg: TrainConfig):
-    from engine.ctclip import CTCLIPConfig
+    """The preset's CTCLIPConfig with the run's text length and model_overrides (field names of either config
+    layout, e.g. {"vision_dim": 48} or {"vision": {"dim": 48}})."""
+    from engine.models.ctclip import CTCLIPConfig
     base = CTCLIPConfig.demo() if cfg.preset == "demo" else CTCLIPConfig.paper()
-    return replace(base, **{"max_length": cfg.text_max_length, **cfg.model_overrides})
-
-
-def model_preprocessing(config):
-    """The engine.transforms preset for a CTCLIPConfig: paper -> CTCLIP (0.75, 0.75, 1.5 mm, 240 x 480 x 480);
-    demo -> the demo field of view (350 x 350 x 300 mm) on the model's input_shape (= engine.transforms.DEMO at the
-    default (64, 128, 128))."""
-    from engine.transforms import CTCLIP, DEMO, Preprocessing
-    shape = tuple(config.input_shape)
-    if config.preset != "demo":
-        return CTCLIP
-    if shape == tuple(DEMO.shape_zyx):
-        return DEMO
-    fov_zyx = [n * s for n, s in zip(DEMO.shape_zyx, reversed(DEMO.spacing_xyz))]
-    spacing_xyz = tuple(f / n for f, n in zip(reversed(fov_zyx), reversed(shape)))
-    return Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Deterministic global batches: epoch e is permutation rng([seed, e]); step s takes the next B * world indices,
-    this rank its [rank::world] share. Yields, per step from `start` to `stop`, this rank's list of "global item
-    numbers" epoch * n + i (EpochIndexed turns them back into (epoch, i)). Resuming at step s reproduces the stream."""
-
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0, stop: int = 0):
-        self.n, self.B, self.world, self.rank, self.seed, self.start, self.stop = \
-            n, batch_size, world, rank, seed, start, stop
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} training items cannot fill one global batch of {batch_size * world}")
-
-    def batch(self, step: int) -> list[int]:
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        g = perm[pos * self.B * self.world:(pos + 1) * self.B * self.world]
-        return (g[self.rank::self.world] + epoch * self.n).tolist()
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            yield self.batch(step)
-
-    def __len__(self):
-        return max(0, self.stop - self.start)
-
-
-class EpochIndexed(torch.utils.data.Dataset):
-    """Item k of the stream = item k % n of `dataset` in epoch k // n (the dataset's draws depend on its epoch)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, k: int):
-        n = len(self.dataset)
-        if hasattr(self.dataset, "epoch"):
-            self.dataset.epoch = k // n
-        return self.dataset[k % n]
+    return CTCLIPConfig.from_dict({**base.to_dict(), "max_length": cfg.text_max_length, **cfg.model_overrides})
 
 
 def collate(batch):
@@ -406,14 +215,10 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
     for j in range(0, len(texts), 16):
         chunk = texts[j:j + 16]
         if prefix is not None:
-            h, mask = prefix.hidden(chunk)
-            bert = text_tower(model)
-            ext = _bert_mask(bert, h, mask)
-            for layer in bert.encoder.layer[prefix.n_frozen:]:
-                h = _layer(layer, h, ext)
-        else:
-            tok = model.tokenize(chunk)
-            h = model.text_transformer(**tok).last_hidden_state
+            cls.append(prefix.features(*prefix.hidden(chunk)))
+            continue
+        tok = model.tokenize(chunk)
+        h = model.text_transformer(**tok).last_hidden_state
         cls.append(h[:, 0])
     cls = torch.cat(cls)
 
@@ -435,85 +240,15 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
 
 # ------------------------------------------------------------------------------------------------------- training
 
-def progress_of(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """Fraction of the run done: by steps, or by wall-clock time when a time budget is set (whichever is further).
-    The budget is what makes a run on a shared CPU end on time with its lr schedule completed."""
-    p = step / max(1, cfg.steps)
-    if cfg.time_budget_s > 0:
-        p = max(p, elapsed_s / cfg.time_budget_s)
-    return min(1.0, p)
-
-
-def lr_at(cfg: TrainConfig, step: int, progress: float | None = None) -> float:
-    """Linear warm-up over warmup_steps, then constant or cosine (to 5 % of lr) over the run's progress."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        t = progress if progress is not None else step / max(1, cfg.steps)
-        warm = cfg.warmup_steps / max(1, cfg.steps)
-        t = max(0.0, (t - warm) / max(1e-9, 1 - warm))
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-    return cfg.lr
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _full_state(wrapped, optimizer, d: Dist, fsdp: bool):
-    """Complete (unsharded) model and optimizer state dicts, gathered on rank 0 under FSDP."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, optimizer, options=opts)
-    return wrapped.state_dict(), optimizer.state_dict()
-
-
-def save_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, step: int, cfg: TrainConfig, d: Dist,
-                    extra: dict) -> None:
-    model_sd, optim_sd = _full_state(wrapped, optimizer, d, cfg.fsdp)
-    if d.main:
-        model_sd = {k.removeprefix("module."): v for k, v in model_sd.items()}
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": model_sd, "optimizer": optim_sd, "step": step, "rng": _rng_state(),
-                    "config": asdict(cfg), **extra}, tmp)
-        os.replace(tmp, path)
-        inner.model.save_pretrained(path.parent / "model")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path: Path, wrapped, inner: ContrastiveStep, optimizer, cfg: TrainConfig) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(wrapped, ckpt["model"], options=opts)
-        set_optimizer_state_dict(wrapped, optimizer, ckpt["optimizer"], options=opts)
-    else:
-        inner.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
-    return ckpt
-
-
 def build_model(cfg: TrainConfig, pretrained_text: bool = True):
     """A fresh CT CLIP: random CT-ViT and heads, pretrained text tower (MiniLM offline / CXR-BERT by hub id)."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP
     return CTCLIP.build(model_config(cfg), pretrained_text=pretrained_text)
 
 
 def _saved_state(directory: Path) -> dict[str, torch.Tensor]:
     """The state dict of a saved CT CLIP directory (engine's loader: its errors are one sentence)."""
-    from engine.ctclip import CTCLIP
+    from engine.models.ctclip import CTCLIP
     return CTCLIP.from_pretrained(directory).state_dict()
 
 
@@ -543,7 +278,7 @@ def init_from_additions(model, directory: Path) -> list[str]:
 def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
     """Pretrained text layers get lr * text_lr_mult; tensors a continued run added from zero (`added`, see
     init_from_checkpoint) lr * added_lr_mult; everything else lr. No decay on biases, norms and the temperature."""
-    bert_ids = {id(p) for p in text_tower(model).parameters()}
+    bert_ids = {id(p) for p in model.text_transformer.parameters()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -556,133 +291,70 @@ def param_groups(model, cfg: TrainConfig, added: tuple[str, ...] = ()):
 
 def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
           progress: bool = True, dataset=None) -> dict:
-    """Run (or resume) training; returns a summary dict. `dataset` overrides the preset's dataset (tests)."""
-    d = setup_distributed()
-    out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed + d.rank)
+    """Run (or resume) training; returns a summary dict. `dataset` overrides the preset's dataset (tests).
+    The CT-CLIP parts: the model, --init-from, the frozen text prefix, centred heads, the contrastive step, its
+    parameter groups and logs; training.loop does the rest."""
+    loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="ctclip")
+    d = loop.dist
     model = build_model(cfg)
-    fresh = not (resume and (out_dir / "ckpt.pt").exists())
     added = ()
-    if cfg.init_from and fresh:   # before anything is written: a bad --init-from leaves OUT untouched
+    if cfg.init_from and not loop.resuming:   # before anything is written: a bad --init-from leaves OUT untouched
         added = tuple(init_from_checkpoint(model, Path(cfg.init_from)))
         if added and d.main:
             print(f"continued from {cfg.init_from}; zero-initialised additions: {', '.join(added)}", flush=True)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    preset = model_preprocessing(model.config)
-    if dataset is None:
-        dataset = make_dataset(cfg, preset, cache_root, d, progress)
+    loop.write_run_config(asdict(cfg))
+    if dataset is None:   # the model's own input preparation (what its checkpoint folder will say)
+        dataset = make_dataset(cfg, model.preprocessing, cache_root, d, progress)
 
     freeze_unused(model)
     prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
         if cfg.frozen_text_layers else None
-    if cfg.center_heads and fresh and not cfg.init_from:
+    if cfg.center_heads and not loop.resuming and not cfg.init_from:
         stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
         if d.main:
             print(f"centred latent heads: {stats}", flush=True)
     from engine.labels import LABELS
     inner = ContrastiveStep(model, prefix, cls_only_top_layer=cfg.cls_only_top_layer and prefix is not None,
                             n_labels=len(LABELS) if cfg.label_loss_weight else 0).to(d.device)
-    wrapped = inner
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in shard_units(model):
-            fully_shard(block)
-        wrapped = fully_shard(inner)
-    elif d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(inner, device_ids=[d.device.index] if d.device.type == "cuda"
-                                                      else None)
-    if cfg.init_from and not fresh:    # resuming a continued run: the same parameter groups as when it started
+    if cfg.init_from and loop.resuming:    # resuming a continued run: the same parameter groups as when it started
         added = tuple(init_from_additions(model, Path(cfg.init_from)))
-    groups = param_groups(model, cfg, added)
-    if inner.label_head is not None:
-        groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
-        else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
-    ckpt_path = out_dir / "ckpt.pt"
-    step, elapsed_before = 0, 0.0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, wrapped, inner, optimizer, cfg)
-        step, elapsed_before = ckpt["step"], ckpt.get("elapsed_s", 0.0)
-        if d.main:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    def make_optimizer():                  # after DDP/FSDP wrapping
+        groups = param_groups(model, cfg, added)
+        if inner.label_head is not None:
+            groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
+            else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
-    sampler = StepSampler(len(dataset), cfg.batch_size, d.world, d.rank, cfg.seed, start=step, stop=cfg.steps)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers, persistent_workers=False,
-                                         pin_memory=d.device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and d.device.type == "cuda") \
-        else torch.autocast("cpu", enabled=False)
-    log = open(out_dir / "train_log.jsonl", "a") if d.main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc="ctclip", unit="step", disable=not (progress and d.main),
-               dynamic_ncols=True)
-    t0, last_ckpt, losses, saved_step = time.time(), time.time(), [], step
-    wrapped.train()
+    def logs(output) -> dict:
+        logits = output[1]
+        acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
+        return {"batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach())}
+
+    return loop.run(inner, make_optimizer, dataset, collate=collate, inputs=step_inputs(cfg, model, prefix, d.device),
+                    logs=logs, shard_units=shard_units(model) if cfg.fsdp else (),
+                    on_checkpoint=lambda: model.save_pretrained(Path(out_dir) / "model"))
+
+
+def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device: torch.device):
+    """A collated batch (volumes, texts[, texts2][, labels]) -> ContrastiveStep's (args, kwargs) on `device`: the
+    texts as cached hidden states after the frozen layers (with a FrozenTextPrefix) or token ids."""
     def text_inputs(texts):
         if prefix is not None:
             a, b = prefix.hidden(texts)
         else:
             tok = model.tokenize(texts)
             a, b = tok["input_ids"], tok["attention_mask"]
-        return a.to(d.device), b.to(d.device)
+        return a.to(device), b.to(device)
 
-    for volumes, texts, *rest in loader:
-        volumes = volumes.to(d.device, non_blocking=True)
-        labels = rest.pop().to(d.device) if rest and isinstance(rest[-1], torch.Tensor) else None
-        text_a, text_b = text_inputs(texts)
+    def inputs(batch):
+        volumes, texts, *rest = batch
+        labels = rest.pop().to(device) if rest and isinstance(rest[-1], torch.Tensor) else None
         text2 = text_inputs(rest[0]) if rest and cfg.text_text_weight else (None, None)
-        elapsed = elapsed_before + time.time() - t0
-        if d.world > 1 and cfg.time_budget_s > 0:   # ranks must agree on the schedule and on when to stop
-            e = torch.tensor([elapsed], dtype=torch.float64)
-            dist.all_reduce(e, op=dist.ReduceOp.MAX)
-            elapsed = float(e)
-        progress = progress_of(cfg, step, elapsed)
-        if progress >= 1.0 and step > 0:
-            break
-        lr = lr_at(cfg, step, progress)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-        with autocast:
-            loss, logits = wrapped(volumes, text_a, text_b, *text2, text_text_weight=cfg.text_text_weight,
-                                   labels=labels, label_loss_weight=cfg.label_loss_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_([p for p in inner.parameters() if p.requires_grad], cfg.grad_clip) \
-            if cfg.grad_clip else torch.tensor(0.0)
-        optimizer.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if d.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
-            rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr, "grad_norm": float(grad_norm),
-                   "progress": progress, "batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach()),
-                   "elapsed_s": elapsed_before + time.time() - t0}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{acc:.2f}")
-            losses = []
-        due = step % cfg.ckpt_every == 0 or time.time() - last_ckpt > cfg.ckpt_every_s
-        if d.world > 1:          # every rank must agree to enter the (collective) save
-            flag = torch.tensor([int(due)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            due = bool(flag.item())
-        if due or step == cfg.steps:
-            save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
-                            {"elapsed_s": elapsed_before + time.time() - t0})
-            last_ckpt, saved_step = time.time(), step
-    if saved_step != step:       # stopped by the time budget between checkpoints: save where it ended
-        save_checkpoint(ckpt_path, wrapped, inner, optimizer, step, cfg, d,
-                        {"elapsed_s": elapsed_before + time.time() - t0})
-    bar.close()
-    if log:
-        log.close()
-    summary = {"steps": step, "elapsed_s": elapsed_before + time.time() - t0, "out": str(out_dir)}
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+        return ((volumes.to(device, non_blocking=True), *text_inputs(texts), *text2),
+                {"text_text_weight": cfg.text_text_weight, "labels": labels,
+                 "label_loss_weight": cfg.label_loss_weight})
+    return inputs
 
 
 # Parameters the CLIP loss never reaches, kept only so official weights load by name: CT-ViT attention's null
@@ -701,7 +373,7 @@ def freeze_unused(model) -> list[str]:
 
 def shard_units(model) -> list[nn.Module]:
     """FSDP units: every transformer block of the CT-ViT and of the text tower."""
-    units = list(text_tower(model).encoder.layer)
+    units = list(model.text_transformer.encoder.layer)
     for m in model.modules():
         if type(m).__name__ in ("Transformer",) and m is not model:
             units.extend(getattr(m, "layers", []))
@@ -711,7 +383,7 @@ def shard_units(model) -> list[nn.Module]:
 def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, progress: bool):
     if cfg.preset == "demo":
         from training.ctclip_data import CTCLIPDataset
-        cache_root = Path(cache_root or ROOT / "cache" / "ctclip-demo")
+        cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
         if d.main:
             demo_train_cache(cfg, cache_root, progress)
         if dist.is_initialized():
@@ -735,14 +407,15 @@ def frozen_text_tensor_names(model, n_frozen: int) -> list[str]:
 def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
     """Copy the run's model (RUN/model, written by save_pretrained at every checkpoint) to `dest` in float16.
 
-    If the full float16 file exceeds max_mb and engine.ctclip can restore pretrained text tensors from the text
-    model package (CTCLIPConfig field `pretrained_text_tensors`), the frozen MiniLM tensors are left out of the
-    file; otherwise the full file is written and the size is reported. Returns {"path", "mb", "compact"}."""
+    If the full float16 file exceeds max_mb and the run froze text layers, the frozen MiniLM tensors are left out
+    of the file (restored from the text model package at load time: TextConfig field `pretrained_tensors`) when
+    the reloaded model is bit-identical; otherwise the full file is written and the size is reported.
+    Returns {"path", "mb", "compact"}."""
     import shutil
     import tempfile
     from dataclasses import fields
 
-    from engine.ctclip import CTCLIP, CTCLIPConfig
+    from engine.models.ctclip import CTCLIP
     run_dir, dest = Path(run_dir), Path(dest)
     cfg = TrainConfig(**{k: v for k, v in json.loads((run_dir / "train_config.json").read_text()).items()
                          if k in {f.name for f in fields(TrainConfig)}})
@@ -756,8 +429,7 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
         full = model.save_pretrained(Path(tmp) / "full", half=True)
         size_mb = _dir_mb(full)
         chosen, compact = full, False
-        supports = "pretrained_text_tensors" in {f.name for f in fields(CTCLIPConfig)}
-        if size_mb > max_mb and supports and cfg.frozen_text_layers:
+        if size_mb > max_mb and cfg.frozen_text_layers:
             from safetensors.torch import load_file, save_file
             small = Path(tmp) / "compact"
             shutil.copytree(full, small)
@@ -765,7 +437,7 @@ def export_checkpoint(run_dir: Path, dest: Path, max_mb: float = 40.0) -> dict:
             state = {k: v for k, v in load_file(str(small / "model.safetensors")).items() if k not in names}
             save_file(state, str(small / "model.safetensors"), metadata={"format": "pt", "preset": "demo"})
             config = json.loads((small / "config.json").read_text())
-            config["pretrained_text_tensors"] = sorted(names)
+            config["text"]["pretrained_tensors"] = sorted(names)
             (small / "config.json").write_text(json.dumps(config, indent=2))
             reloaded = CTCLIP.from_pretrained(small)      # frozen tensors restored from the text package
             same = all(torch.equal(reloaded.state_dict()[k], model.state_dict()[k]) for k in names)

@@ -1,4 +1,4 @@
-"""Loaders for official checkpoints: CT-CLIP_v2.pt (ibrahimethemhamamci/CT-CLIP) into engine.ctclip.CTCLIP.
+"""Loaders for official checkpoints: CT-CLIP_v2.pt (ibrahimethemhamamci/CT-CLIP) into engine.models.ctclip.CTCLIP.
 
 The official file is a raw, flat `torch.save` of the model's state dict (transformers 4.30.1, vector-quantize-pytorch
 1.1.2). Differences handled by `map_official_ctclip`, by meaning rather than by name alone:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -157,12 +157,12 @@ def load_official_ctclip(
     strict: bool = True,
     assign: bool = False,
 ) -> LoadReport:
-    """Load CT-CLIP_v2.pt (path, or an already-read state dict) into an engine.ctclip.CTCLIP (paper preset).
+    """Load CT-CLIP_v2.pt (path, or an already-read state dict) into an engine.models.ctclip.CTCLIP (paper preset).
 
     Raises UserError naming the offending keys if anything is missing, unexpected or mis-shaped (strict), else
     loads what matches. The *_extra projections are kept if the model has them, otherwise dropped and reported.
     assign=True puts the file's tensors into the model as they are (for a model built on the meta device; then call
-    model.reset_text_buffers())."""
+    model.after_load(device))."""
     state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state, allow_pickle)
     mapped, report = map_official_ctclip(state, model.state_dict())
     if strict and not report.ok:
@@ -180,9 +180,12 @@ def convert_official_ctclip(
     decoder heads) are left out. `config` defaults to CTCLIPConfig.paper()."""
     from safetensors.torch import save_file
 
-    from engine.ctclip import CONFIG_FILE, CTCLIP, WEIGHTS_FILE, CTCLIPConfig
+    from engine.models.base import CONFIG_FILE, PREPROCESSING_FILE, WEIGHTS_FILE
+    from engine.models.ctclip import CTCLIP, CTCLIPConfig
 
-    config = replace(config or CTCLIPConfig.paper(), official_unused_modules=keep_unused_modules)
+    config = config or CTCLIPConfig.paper()
+    config = replace(config, official_extra_projections=keep_unused_modules,
+                     vision=replace(config.vision, official_decoder_heads=keep_unused_modules))
     with torch.device("meta"):
         expected = CTCLIP(config).state_dict()
     mapped, report = map_official_ctclip(read_state_dict(src, allow_pickle), expected)
@@ -192,7 +195,8 @@ def convert_official_ctclip(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in mapped.items()}, str(out_dir / WEIGHTS_FILE),
               metadata={"format": "pt", "preset": config.preset, "source": Path(src).name})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    (out_dir / PREPROCESSING_FILE).write_text(json.dumps(config.default_preprocessing().to_dict(), indent=2))
     return out_dir
 
 
@@ -202,7 +206,8 @@ def load_ctclip_directory(directory: str | Path, *, allow_pickle: bool = False):
     The folder holds either a converted checkpoint (config.json + model.safetensors, as convert_official_ctclip or
     CTCLIP.save_pretrained write) or the official CT-CLIP_v2.pt, converted once into DIR/converted/ on first use.
     The CXR-BERT tokenizer is taken from DIR/tokenizer/ when present, else from the hub id (users with hub access)."""
-    from engine.ctclip import CONFIG_FILE, CTCLIP, WEIGHTS_FILE
+    from engine.models.base import CONFIG_FILE, WEIGHTS_FILE
+    from engine.models.ctclip import CTCLIP
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -219,8 +224,8 @@ def load_ctclip_directory(directory: str | Path, *, allow_pickle: bool = False):
             convert_official_ctclip(official, target, allow_pickle=allow_pickle)
     tokenizer = directory / "tokenizer"
     if tokenizer.is_dir():
-        config = json.loads((target / CONFIG_FILE).read_text())
-        if not config.get("tokenizer_path"):
-            config["tokenizer_path"] = str(tokenizer.resolve())
-            (target / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        config = CTCLIP.read_config(target)
+        if not config.text.tokenizer_path:
+            config.text.tokenizer_path = str(tokenizer.resolve())
+            (target / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     return CTCLIP.from_pretrained(target)

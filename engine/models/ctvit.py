@@ -28,14 +28,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UserError
+from engine.models.base import ModelConfig
+
+# HU thresholds of the demo CT-ViT's per-patch density input: below -950 = emphysema (LAA-950), lung, ground glass,
+# fat, fluid (0-20) vs soft tissue (35-55), calcification, bone/metal (ct-appearance values).
+DEMO_PATCH_HU_EDGES = (-950.0, -800.0, -500.0, -200.0, -50.0, 25.0, 100.0, 300.0, 950.0)
 
 
 @dataclass
-class CTViTConfig:
-    """Shape of the CT-ViT. Sizes are in voxels of the preprocessed volume; `image_size` is (y, x)."""
+class CTViTConfig(ModelConfig):
+    """Shape of the CT-ViT. Sizes are in voxels of the preprocessed volume, (z, y, x) order."""
 
     dim: int = 512
-    image_size: tuple[int, int] = (480, 480)
+    # (z, y, x) of the training input: (y, x) is fixed by the position bias and the CT CLIP head; z may be any
+    # positive multiple of temporal_patch_size (the CT CLIP mean-pools it away)
+    input_shape: tuple[int, int, int] = (240, 480, 480)
     patch_size: int = 20  # in-plane voxels per token side (y and x)
     temporal_patch_size: int = 10  # slices per token (z)
     spatial_depth: int = 4
@@ -55,9 +62,33 @@ class CTViTConfig:
     patch_hu_log_share: bool = False
     hu_per_unit: float = 1000.0  # CT-CLIP's input scaling: model unit = HU / 1000
 
+    @classmethod
+    def paper(cls) -> "CTViTConfig":
+        """CT-CLIP v2's CT-ViT: dim 512 on (240, 480, 480), patches 10 x 20 x 20 -> a 24 x 24 x 24 token grid."""
+        return cls()
+
+    @classmethod
+    def demo(cls) -> "CTViTConfig":
+        """Small CPU CT-ViT on (64, 128, 128), patches 8 x 16 x 16 -> 8 x 8 x 8 tokens. No vector quantiser: CT-CLIP
+        inherits it from the video VQ-autoencoder its CT-ViT came from; trained from scratch on little data, its EMA
+        codebook uses few codes, snaps every token to one of them and passes only a straight-through gradient,
+        which throws away detail a small model needs. No unused official heads (no official file to load). One
+        addition the official model lacks: the per-patch density input (DEMO_PATCH_HU_EDGES; its log-share
+        channels, patch_hu_log_share, are switched on by `--density-log-share` for the stage that added them)."""
+        return cls(dim=192, input_shape=(64, 128, 128), patch_size=16, temporal_patch_size=8, spatial_depth=2,
+                   temporal_depth=2, heads=4, dim_head=32, use_vq=False, official_decoder_heads=False,
+                   patch_hu_edges=DEMO_PATCH_HU_EDGES)
+
     @property
-    def grid_hw(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+    def image_size(self) -> tuple[int, int]:
+        """(y, x) voxels of every input slice."""
+        return self.input_shape[1], self.input_shape[2]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (t, h, w) for `input_shape`."""
+        z, y, x = self.input_shape
+        return z // self.temporal_patch_size, y // self.patch_size, x // self.patch_size
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""Asset paths and environment defaults, read in this one place and only when asked (never at import), so a test or
+a caller that sets an environment variable after importing the engine is still heard.
+
+    CT_CTCLIP_DIR            the CT CLIP checkpoint folder (default assets/ctclip)
+    CT_LIBRARY_EMBEDDINGS    the demo library's latents made with it (default assets/library/ctclip_embeddings...)
+    CT_WORKSTATION_LIBRARY   the user's own indexed CTs (default ~/.local/share/ct-workstation)
+    CT_SHARED_DATA           the real data used by training and tests (default ../shared/data beside the checkout)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+def _path(variable: str, default: Path) -> Path:
+    return Path(os.environ.get(variable) or default)
+
+
+def ctclip_dir() -> Path:
+    """The shipped demo CT CLIP checkpoint ($CT_CTCLIP_DIR points elsewhere, e.g. at a checkpoint being trained)."""
+    return _path("CT_CTCLIP_DIR", ASSETS / "ctclip")
+
+
+def library_embeddings() -> Path:
+    """The demo library's latents made with ctclip_dir()'s checkpoint ($CT_LIBRARY_EMBEDDINGS)."""
+    return _path("CT_LIBRARY_EMBEDDINGS", ASSETS / "library" / "ctclip_embeddings.safetensors")
+
+
+def library_studies() -> Path:
+    """The demo library's study list (seeds, labels, reports), written by training/build_library.py."""
+    return ASSETS / "library" / "studies.json"
+
+
+def user_library_dir() -> Path:
+    """The user's own indexed CTs ($CT_WORKSTATION_LIBRARY)."""
+    return _path("CT_WORKSTATION_LIBRARY", Path.home() / ".local" / "share" / "ct-workstation")
+
+
+def phantom_label_sets() -> Path:
+    """The phantom's compact CT-RATE label table."""
+    return ASSETS / "phantom" / "label_sets.json"
+
+
+def shared_data() -> Path:
+    """Real CTs, reports, radiographs and label tables outside the repository ($CT_SHARED_DATA)."""
+    return _path("CT_SHARED_DATA", ROOT.parent / "shared" / "data")
+
+
+def training_runs_dir() -> Path:
+    """Where `python -m training` writes its runs."""
+    return ROOT / "runs"
+
+
+def training_cache_dir() -> Path:
+    """Where `python -m training` keeps its rendered phantom caches."""
+    return ROOT / "cache"

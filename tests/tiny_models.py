@@ -1,0 +1,26 @@
+"""The one tiny CT CLIP the tests build (a few seconds on a CPU): the demo preset shrunk, on a 16 x 32 x 32 grid
+over the demo field of view. Tests that need another variant pass the fields they change (either config layout)."""
+from __future__ import annotations
+
+from engine.models.ctclip import CTCLIPConfig
+
+TINY_SHAPE = (16, 32, 32)  # (z, y, x) voxels
+TINY_SPACING = (350.0 / 32, 350.0 / 32, 300.0 / 16)  # (x, y, z) mm: the demo field of view on TINY_SHAPE
+
+
+def tiny_ctclip_overrides(**changes) -> dict:
+    """Overrides of CTCLIPConfig.demo() (flat field names, as training's TrainConfig.model_overrides takes them):
+    a 1 + 1-layer, 32-wide CT-ViT with 2 x 2 x 2 tokens, latent 32, 64 report tokens; MiniLM stays the text tower."""
+    return {"input_shape": TINY_SHAPE, "patch_size": 16, "temporal_patch_size": 8, "vision_dim": 32,
+            "spatial_depth": 1, "temporal_depth": 1, "heads": 2, "dim_head": 16, "latent_dim": 32, "max_length": 64,
+            **changes}
+
+
+def tiny_ctclip_config(small_text: bool = False, **changes) -> CTCLIPConfig:
+    """The tiny config; small_text swaps MiniLM's architecture for a random 1-layer, 32-wide BERT (the MiniLM
+    tokenizer still), for tests that never load pretrained text weights."""
+    demo = CTCLIPConfig.demo()
+    if small_text:
+        changes.setdefault("text_config", dict(demo.text.architecture, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=64))
+    return CTCLIPConfig.from_dict({**demo.to_dict(), "preset": "tiny", **tiny_ctclip_overrides(**changes)})
