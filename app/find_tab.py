@@ -1,6 +1,6 @@
 """The "Find CTs" tab: type a report (or a few words), get the K closest CTs, open one with the query's heat map.
 
-Search: the query's CT CLIP text latent against every study's image latent (engine.pipelines.StudyLibrary: the demo
+Search: the query's CT CLIP text latent against every study's image latent (engine.study_library.StudyLibrary: the demo
 phantoms plus the user's indexed CTs), ranked by cosine. Opening a result (the first opens by itself) renders its
 volume in the tab's viewer, shows its report and label vector, draws the heat map of the query on the volume
 (CTClipPipeline.heatmap: which CT-ViT tokens raise the score) over the three planes, and reads its 18 findings
@@ -14,7 +14,8 @@ import pandas as pd
 
 from app.library_tab import first_words, report_markdown
 from app.viewer import ct_viewer
-from app.zeroshot_panel import CTClipModels, read_findings, waiting_updates, zeroshot_panel
+from app.models import CTClipModels
+from app.zeroshot_panel import read_findings, waiting_updates, zeroshot_panel
 from engine.errors import UserError
 from engine.labels import LABELS
 
@@ -182,8 +183,9 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
 
     checked = gr.on([search.click, query.submit], check_query, query, None, show_progress="hidden")
     searching = checked.success(run_search, [query, k], [table, results, searched, status], concurrency_limit=1,
-                                concurrency_id="find-open")
-    wire_open(searching.success(open_first, results, open_outputs, concurrency_limit=1, concurrency_id="find-open"))
+                                concurrency_id="find-open", api_name="search")
+    wire_open(searching.success(open_first, results, open_outputs, concurrency_limit=1, concurrency_id="find-open",
+                                api_name="open_first_result"))
     wire_open(table.select(open_selected, results, open_outputs, concurrency_limit=1, concurrency_id="find-open"))
     viewer.redraw_after(show_heat.input(lambda heat_map, show: heat_map if show else None, [heat, show_heat],
                                         viewer.overlay, show_progress="hidden"))

@@ -36,7 +36,7 @@ def report_markdown(study) -> str:
 def library_tab(library, demo: gr.Blocks | None = None, models=None) -> None:
     """Build the tab's content in the current context. `library` is an engine.library.DemoLibrary or None; when
     `demo` (the enclosing Blocks) is given, the first study opens as soon as the page loads; with `models`
-    (app.zeroshot_panel.CTClipModels) the CT CLIP's zero-shot reading of the open study is shown next to its labels."""
+    (app.models.CTClipModels) the CT CLIP's zero-shot reading of the open study is shown next to its labels."""
     if library is None:
         gr.Markdown("The demo library is missing: build it with `python -m training.build_library`.")
         return

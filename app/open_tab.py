@@ -30,15 +30,17 @@ def load_upload(path):
     return volume
 
 
-def open_tab(models=None) -> None:
-    """Build the tab's content in the current context. With `models` (app.zeroshot_panel.CTClipModels) the CT CLIP
+def open_tab(models=None, max_upload_mb: int | None = None) -> None:
+    """Build the tab's content in the current context. With `models` (app.models.CTClipModels) the CT CLIP
     reads the uploaded CT's 18 findings as soon as its planes are shown."""
-    gr.Markdown(f"Upload one chest CT: {FORMATS}. Nothing leaves this machine."
+    limit = f" (up to {max_upload_mb} MB)" if max_upload_mb else ""
+    gr.Markdown(f"Upload one chest CT{limit}: {FORMATS}. It stays on the server that runs this app, visible only to "
+                "this browser, and is deleted with the server's temporary files."
                 + (" The CT CLIP then reads its 18 findings (below the viewer)." if models is not None else ""))
     upload = gr.File(label="CT file", file_count="single", type="filepath", height=120,
                      elem_classes=["ct-upload"])
     viewer = ct_viewer()
-    opened = viewer.open_after(upload.upload(load_upload, upload, viewer.volume))
+    opened = viewer.open_after(upload.upload(load_upload, upload, viewer.volume, api_name="read_ct_upload"))
     if models is not None:
         panel = zeroshot_panel()
         opened.success(lambda volume: read_findings(models, volume), viewer.volume, panel.outputs,

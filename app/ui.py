@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 
 from app.find_tab import find_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
-from app.zeroshot_panel import CTClipModels
+from app.models import CTClipModels
+from app.server import ServerLimits
 
 
 @dataclass
@@ -19,6 +20,7 @@ class AppConfig:
     weights: str | None = None    # folder of checkpoints for the paper preset
     library_path: str | None = None  # demo library JSON (default: assets/library/studies.json)
     preload: bool = True          # load the CT CLIP in a background thread at start-up (else on first use)
+    limits: ServerLimits = field(default_factory=ServerLimits)  # upload size, queue, temporary-file lifetime
 
 
 TITLE = "Chest-CT workstation"
@@ -55,7 +57,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     models = CTClipModels(preset=config.preset, weights=config.weights)  # one CT CLIP per process, for every tab
     if config.preload:
         models.start()
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, **config.limits.blocks_kwargs()) as demo:
         gr.Markdown(f"# {TITLE}\n{HOW_TO}")
         with gr.Tabs():
             # Library first: it opens a study the moment the page loads (no model needed) while the CT CLIP loads in
@@ -65,7 +67,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             with gr.Tab("Find CTs", id="find", elem_id="tab-find"):
                 find_tab(models, demo)
             with gr.Tab("Open a CT", id="open", elem_id="tab-open"):
-                open_tab(models)
+                open_tab(models, max_upload_mb=config.limits.max_upload_mb)
         gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
                     + " · research demo, not for clinical use.", elem_classes=["footer-note"])
     return demo

@@ -1,24 +1,18 @@
-"""The CT CLIP as the app uses it: loaded once per process (`CTClipModels`), and the zero-shot panel that reads the 18
-CT-RATE findings of whatever CT a viewer shows (`zeroshot_panel`).
+"""The zero-shot panel: the CT CLIP's reading of the 18 CT-RATE findings of whatever CT a viewer shows, as bars.
 
-The models come from engine.pipelines (the app holds no model code): `CTClipPipeline.from_pretrained(weights, preset)`
-with app.py's --weights/--preset, and one `StudyLibrary` over it. Loading starts in a background thread when the app
-is built, so the first page answers at once; the first request that needs the model waits for it. Without a
-checkpoint every panel shows one sentence saying how to train it instead of failing.
-
-    models = CTClipModels(preset="demo", weights=None).start()
+    models = CTClipModels(preset="demo", weights=None).start()      # app/models.py
     panel = zeroshot_panel()                         # in a Blocks context, next to a viewer
     dep.success(lambda volume: read_findings(models, volume), viewer.volume, panel.outputs)
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
 import plotly.graph_objects as go
 
+from app.models import CTClipModels
 from engine.errors import UserError
 from engine.labels import LABELS
 
@@ -29,73 +23,6 @@ WAITING = "Reading the CT's findings…"
 DEMO_ON_REAL_CT = ("The demo CT CLIP learned from simulated phantom CTs, so on a real scan these bars are not "
                    "calibrated; for CT-CLIP's own reading run "
                    "`python app.py --preset paper --weights DIR`.")
-
-
-# --------------------------------------------------------------------------------------------------- the models
-
-class CTClipModels:
-    """The CT CLIP pipeline and the study library, loaded once per app process (thread-safe, lazily or in the
-    background). `pipeline()` / `library()` raise UserError with one sentence when they cannot be loaded."""
-
-    def __init__(self, preset: str = "demo", weights: str | None = None):
-        self.preset = preset
-        self.weights = weights
-        self._lock = threading.Lock()
-        self._pipeline = None
-        self._library = None
-        self._error: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "CTClipModels":
-        """Load in a daemon thread now (the page does not wait for it; the first request that needs it does)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._quiet_load, name="ctclip-load", daemon=True)
-            self._thread.start()
-        return self
-
-    def _quiet_load(self) -> None:
-        try:
-            self._load()
-        except UserError:
-            pass  # kept in self._error; shown where the model is needed
-
-    def _load(self):
-        with self._lock:
-            if self._error is not None:
-                raise UserError(self._error)
-            if self._pipeline is None:
-                from engine.pipelines.ctclip import CTClipPipeline
-                from engine.study_library import StudyLibrary
-
-                try:
-                    pipeline = CTClipPipeline.from_pretrained(self.weights, self.preset)
-                    library = StudyLibrary(pipeline)
-                    pipeline.prompt_latents  # the 36 zero-shot prompts, encoded once here rather than on first use
-                except UserError as err:
-                    self._error = str(err)
-                    raise
-                except Exception as err:  # a damaged checkpoint: one sentence, never a traceback in the page
-                    self._error = (f"The CT CLIP checkpoint could not be loaded ({type(err).__name__}); retrain it "
-                                   "with `python -m training ctclip --preset demo`.")
-                    raise UserError(self._error) from None
-                self._pipeline, self._library = pipeline, library
-            return self._pipeline, self._library
-
-    def pipeline(self):
-        """The engine.pipelines.CTClipPipeline (waits for a load in progress)."""
-        return self._load()[0]
-
-    def library(self):
-        """The engine.pipelines.StudyLibrary over the pipeline (demo studies + the user's indexed CTs)."""
-        return self._load()[1]
-
-    def unavailable(self) -> str | None:
-        """None when the models load, else the one sentence that says why not and how to fix it."""
-        try:
-            self._load()
-        except UserError as err:
-            return str(err)
-        return None
 
 
 # --------------------------------------------------------------------------------------------------- the chart
@@ -155,8 +82,20 @@ def waiting_updates():
     return gr.Markdown(WAITING, visible=True), gr.Plot(value=None, visible=False)
 
 
+def reading_caveats(volume) -> list[str]:
+    """The warnings of the CT's reading (engine.volume: not a chest CT, NaN voxels replaced, one slice...), which every
+    answer about that CT carries: the findings are only as good as the volume they were read from."""
+    return [str(w) for w in (getattr(volume, "warnings", None) or [])]
+
+
+def _note(sentences: list[str]) -> gr.Markdown:
+    text = "\n".join(f"- {s}" for s in sentences) if len(sentences) > 1 else "".join(sentences)
+    return gr.Markdown(text, visible=bool(sentences))
+
+
 def read_findings(models: CTClipModels, volume, truth: dict | None = None):
-    """(note, plot) updates: the zero-shot bars for `volume`, or one sentence when there is no model or CT."""
+    """(note, plot) updates: the zero-shot bars for `volume`, or one sentence when there is no model or CT. The note
+    carries the CT's reading warnings above the bars (the CLI's zeroshot returns the same ones)."""
     if volume is None:
         return gr.Markdown("Open a CT to read its findings.", visible=True), gr.Plot(value=None, visible=False)
     try:
@@ -165,9 +104,10 @@ def read_findings(models: CTClipModels, volume, truth: dict | None = None):
     except UserError as err:
         return gr.Markdown(str(err), visible=True), gr.Plot(value=None, visible=False)
     figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds)
+    sentences = [f"Caution: {w}" for w in reading_caveats(volume)]
     if truth is None and models.preset == "demo":   # the user's own CT: say what the demo model can and cannot read
-        return gr.Markdown(DEMO_ON_REAL_CT, visible=True), gr.Plot(value=figure, visible=True)
-    return gr.Markdown("", visible=False), gr.Plot(value=figure, visible=True)
+        sentences.append(DEMO_ON_REAL_CT)
+    return _note(sentences), gr.Plot(value=figure, visible=True)
 
 
 def zeroshot_panel() -> ZeroShotPanel:

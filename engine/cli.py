@@ -117,6 +117,9 @@ def cmd_retrieve(args) -> dict:
     text = check_query_text(args.text)  # before loading any model: bad queries answer at once
     if args.k < 1 or args.k > 1000:
         raise UserError("--k must be between 1 and 1000.")
+    from engine.study_library import user_library_folder
+
+    user_library_folder(args.library)     # a library that is a file: one sentence before the model loads
     started = time.perf_counter()
     pipeline = _pipeline(args)
     library = _library(args, pipeline)
@@ -137,6 +140,9 @@ def cmd_zeroshot(args) -> dict:
 
 
 def cmd_index(args) -> dict:
+    from engine.study_library import user_library_folder
+
+    user_library_folder(args.library)
     pipeline = _pipeline(args)
     library = _library(args, pipeline)
     added = []

@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import zipfile
@@ -184,6 +185,22 @@ def _labels_json(labels) -> str | None:
     return json.dumps({name: int(v) for name, v in zip(LABELS, values)})
 
 
+def _create_private(path: Path) -> None:
+    """Create the index file's folder (0700) and the file itself (0600) if they do not exist: the library describes
+    the user's patients' CTs, so only the user may read it. SQLite creates its -wal and -shm files with the
+    database file's permissions."""
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(mode=0o700, parents=True)
+        except OSError as err:
+            raise UserError(f"Cannot create the library folder '{path.parent}': {err.strerror}.") from None
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as err:
+            raise UserError(f"Cannot create the library file '{path}': {err.strerror}.") from None
+
+
 class EmbeddingIndex:
     """The embeddings of one model (`model_id`) in a SQLite file; exact cosine search over all of them.
 
@@ -197,7 +214,7 @@ class EmbeddingIndex:
         if not model_id:
             raise UserError("The index needs a model id (the checkpoint that makes the embeddings).")
         self.model_id = str(model_id)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(self.path)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
             self._db.execute("PRAGMA page_size=16384")             # new files only: ~5 rows of 2-3 KB per page

@@ -44,7 +44,7 @@ class StudyLibrary:
         self.demo = DemoLibrary.load()
         self.demo_ids, self.demo_matrix = _load_demo_embeddings(demo_embeddings or library_embeddings(),
                                                                 pipeline.model_id, self.demo)
-        self.user_dir = Path(user_dir) if user_dir else user_library_dir()
+        self.user_dir = user_library_folder(user_dir)
         self._index_cls = EmbeddingIndex
         self._user_index = None
 
@@ -52,12 +52,7 @@ class StudyLibrary:
     def user_index(self):
         """The user's SQLite library (opened on first use; created on first add)."""
         if self._user_index is None:
-            path = self.user_dir / "library.sqlite"
-            if not path.exists():
-                try:
-                    self.user_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise UserError(f"Cannot create the library folder '{self.user_dir}': {err.strerror}.") from None
+            path = self.user_dir / "library.sqlite"   # EmbeddingIndex creates it (and its folder) user-only
             self._user_index = self._index_cls(path, model_id=self.pipeline.model_id)
         return self._user_index
 
@@ -99,7 +94,7 @@ class StudyLibrary:
         row = self.user_index.get(result_id)
         if row is None:
             raise UserError(f"No study {result_id!r} in the library.")
-        return read_ct(row.path)
+        return read_ct(Path(row.path).expanduser())
 
     def index_file(self, path: str | Path) -> tuple[str, bool]:
         """Add one CT file / DICOM folder / zip to the user's library. Returns (id, newly_added). Idempotent."""
@@ -115,11 +110,10 @@ class StudyLibrary:
             return existing, False
         volume = read_ct(path)
         latent = self.pipeline.embed_volume(volume)
-        name = path.name.split(".")[0] or "ct"
-        sid = f"{name}-{sha[:8]}"
+        sid = f"ct-{sha[:12]}"   # from the content: a file or folder named after a patient never becomes an id
         meta = {"shape": list(volume.shape_xyz), "spacing": [round(s, 4) for s in volume.spacing],
                 "warnings": volume.warnings}
-        self.user_index.add(sid, latent, sha256=sha, source="file", path=str(path), meta=meta)
+        self.user_index.add(sid, latent, sha256=sha, source="file", path=stored_path(path), meta=meta)
         return sid, True
 
 
@@ -159,3 +153,24 @@ def build_demo_embeddings(pipeline: CTClipPipeline, out: Path | None = None, pro
               metadata={"model_id": pipeline.model_id, "ids": json.dumps([s.id for s in studies]),
                         "made": time.strftime("%Y-%m-%d")})
     return out
+
+
+def user_library_folder(user_dir: str | Path | None = None) -> Path:
+    """The user's library folder (`user_dir`, else $CT_WORKSTATION_LIBRARY or the default); one sentence when it
+    names a file. Checked before any model loads."""
+    folder = Path(user_dir) if user_dir else user_library_dir()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"The library '{folder}' is a file; --library (or $CT_WORKSTATION_LIBRARY) must name a "
+                        "folder.")
+    return folder
+
+
+def stored_path(path: Path) -> str:
+    """What the library keeps to find a CT again: its path, with the home folder written as '~' (the user name and
+    home layout stay out of the file). The path itself is needed to reopen the study; the library file is user-only
+    (0600) and study ids come from the content, never from the name."""
+    path = Path(path).resolve()
+    try:
+        return str(Path("~") / path.relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(path)

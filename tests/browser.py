@@ -26,13 +26,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(log: Path, extra_env: dict | None = None, start_timeout_s: float = 60):
-    """Yields the URL of a freshly started app; stops it afterwards and fails if its log holds a traceback."""
+def running_app(log: Path, extra_env: dict | None = None, start_timeout_s: float = 60, extra_args: list | None = None,
+                with_process: bool = False):
+    """Yields the URL of a freshly started app (with `with_process`, (url, Popen)); stops it afterwards and fails if
+    its log holds a traceback."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                **(extra_env or {}))
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -49,7 +51,7 @@ def running_app(log: Path, extra_env: dict | None = None, start_timeout_s: float
             if time.monotonic() > deadline:
                 pytest.fail(f"app.py did not answer within {start_timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield (url, proc) if with_process else url
     finally:
         proc.terminate()
         try:

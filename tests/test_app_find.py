@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from app.find_tab import COLUMNS, result_markdown, results_table
-from app.zeroshot_panel import ABSENT_COLOUR, PRESENT_COLOUR, CTClipModels, read_findings, zero_shot_figure
+from app.models import CTClipModels
+from app.zeroshot_panel import ABSENT_COLOUR, PRESENT_COLOUR, read_findings, zero_shot_figure
 from engine.labels import LABELS
 from engine.library import DemoLibrary
 
@@ -74,3 +75,17 @@ def test_no_checkpoint_is_one_sentence_saying_how_to_train(tmp_path):
     assert problem and "python -m training ctclip --preset demo" in problem and problem.endswith(".")
     note, plot = read_findings(models, volume=SimpleNamespace(array=np.zeros((2, 2, 2), np.float32)))
     assert note.value == problem and plot.visible is False
+
+
+def test_findings_panel_carries_the_warnings_of_the_ct_reading(shared_data):
+    """A single DICOM slice is read with warnings; the bars come with them, above the chart (issue 11: every answer
+    about a CT carries the caveats of its reading)."""
+    from engine.volume import read_ct
+
+    volume = read_ct(shared_data / "ct" / "lidc_slice_0.dcm")
+    assert any("single CT slice" in w for w in volume.warnings)
+    note, plot = read_findings(CTClipModels(preset="demo"), volume)
+    assert plot.visible is True
+    for warning in volume.warnings:
+        assert f"Caution: {warning}" in note.value
+    assert note.visible is True and "not calibrated" in note.value
