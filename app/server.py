@@ -133,7 +133,9 @@ class PrivateFiles:
         self.folders = folders or temporary_folders()
         alternatives = "|".join(re.escape(f) for f in sorted(self.folders, key=len, reverse=True))
         self._paths = re.compile(rf"(?:{alternatives})/[^\"'\\\s?#<>]+")
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        # path -> the browsers it was sent to (Gradio names files by their content, so two browsers that render the
+        # same picture are sent the same path)
+        self._owners: OrderedDict[str, set[str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _is_temporary(self, path: str) -> bool:
@@ -145,14 +147,15 @@ class PrivateFiles:
             return
         with self._lock:
             for path in found:
-                self._owners[path] = client
+                self._owners.setdefault(path, set()).add(client)
                 self._owners.move_to_end(path)
             while len(self._owners) > self.MAX_FILES:
                 self._owners.popitem(last=False)
 
-    def owner(self, path: str) -> str | None:
+    def may_fetch(self, client: str, path: str) -> bool:
+        """True when `path` was named in a response to `client`."""
         with self._lock:
-            return self._owners.get(os.path.normpath(path))
+            return client in self._owners.get(os.path.normpath(path), ())
 
     @classmethod
     def _client(cls, headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -173,7 +176,7 @@ class PrivateFiles:
         path = scope.get("path", "")
         if "/file=" in path:
             requested = os.path.normpath(os.path.realpath(unquote(path.split("/file=", 1)[1])))
-            if self._is_temporary(requested) and self.owner(requested) != client:
+            if self._is_temporary(requested) and not self.may_fetch(client, requested):
                 return await _not_found(send)
         scanned = False
 

@@ -89,7 +89,7 @@ def test_private_files_middleware_by_hand(tmp_path):
     assert status == 200
     client_a = headers["set-cookie"].split(";")[0].split("=", 1)[1]
     assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
-    assert middleware.owner(secret) == client_a
+    assert middleware.may_fetch(client_a, secret)
     client_b = "b" * 43
     assert asyncio.run(_call(middleware, f"/gradio_api/file={secret}", client_a))[0] == 200
     assert asyncio.run(_call(middleware, f"/gradio_api/file={secret}", client_b))[0] == 404
@@ -100,7 +100,10 @@ def test_private_files_middleware_by_hand(tmp_path):
     # Bodies that are not JSON/HTML/event streams (a JavaScript bundle, an image) are not scanned.
     other = PrivateFiles(_asgi_app(f'"{secret}"'.encode(), b"application/javascript"), folders=[folder])
     asyncio.run(_call(other, "/assets/index.js", client_a))
-    assert other.owner(secret) is None
+    assert not other.may_fetch(client_a, secret)
+    # The same file sent to a second browser (Gradio names files by content): both may fetch it.
+    asyncio.run(_call(middleware, "/gradio_api/queue/data", client_b))
+    assert middleware.may_fetch(client_a, secret) and middleware.may_fetch(client_b, secret)
 
 
 @pytest.fixture(scope="module")
