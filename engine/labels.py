@@ -73,6 +73,45 @@ KINDS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+# Words that mark a query as English report text (see `english_word_share`). Hand-written rather than scikit-learn's
+# ENGLISH_STOP_WORDS because importing scikit-learn takes seconds, and a bad query must be refused at once.
+ENGLISH_FUNCTION_WORDS = frozenset("""
+a about above after all also an and any are as at be been below between both but by can could did do does down
+during each either few for from had has have here how if in into is it its may might more most much must near neither
+no nor not of off on only or other our over per same seen shall should show shows since so some such than that the
+their them then there these they this those through to too under up upon very was we were what when where which while
+who whose will with within without would yet""".split())
+REPORT_VOCABULARY = frozenset("""
+abdomen abnormal abnormality acute adenopathy air airway airways anterior aorta aortic apex apical artery ascending
+axial basal base bilateral bilaterally bone bones bronchi bronchial bronchus calcified calcification cardiac cardiomegaly
+change changes chest chronic clear collapse compared compatible consistent contrast coronary cyst cystic density
+descending diameter diffuse dilated dilatation distal effusion emphysema enlarged enlargement evidence examination
+fibrosis fibrotic finding findings fluid focal fracture glass ground heart hernia hilar history identified image
+images impression increased infiltrate inferior inflammatory interstitial large lateral left lesion lobe lobar lobes
+lower lung lungs lymph mass measuring mediastinal mediastinum middle mild minimal moderate multiple node nodes
+nodular nodule normal noted observed organizing organising bronchiolitis pneumonitis opacity opacities patient pattern peripheral pleural pneumonia pneumothorax
+posterior present previous prior probably pulmonary reticular right scan segment segmental seen severe size small
+soft spine stable structures study subpleural superior thickening thickness thoracic thorax tissue trachea tree
+tumor tumour upper vascular vertebral vessels wall widespread mm cm preserved intervertebral disc distance
+recommended natural naturally plane fat fatty control post treatment clinical correlation appear adrenal gland
+esophageal oesophageal followed ct narrowed evaluation evaluated bile liver detected infiltration minimally however
+duct contour significant malignant pathology diffusely bladder parenchymal due kidney spleen pancreas patchy
+bibasilar likely dependent""".split())
+
+
+def english_word_share(text: str) -> tuple[int, float]:
+    """(number of words, share of them that are English function words or radiology terms), case-insensitive;
+    a plural "-s"/"-es" is also looked up without it. Words are runs of letters."""
+    import re
+
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    known = set(ENGLISH_FUNCTION_WORDS) | REPORT_VOCABULARY
+    for name in (*LABELS, *LOBES, *SEVERITIES, *NODE_STATIONS, *(k for ks in KINDS.values() if ks for k in ks)):
+        known.update(re.findall(r"[^\W\d_]+", name.lower()))
+    hits = sum(w in known or w.rstrip("s") in known or (w.endswith("es") and w[:-2] in known) for w in words)
+    return len(words), hits / max(len(words), 1)
+
+
 def check_labels(names) -> list[str]:
     """Return the names in CT-CLIP order; raise ValueError naming the first unknown label (case-insensitive)."""
     lookup = {n.lower(): n for n in LABELS}
@@ -85,6 +124,20 @@ def check_labels(names) -> list[str]:
             raise ValueError(f"Unknown label {name.strip()!r}; the 18 labels are: {', '.join(LABELS)}.")
         out.append(lookup[key])
     return sorted(set(out), key=LABEL_INDEX.__getitem__)
+
+
+def parse_label_list(text: str) -> list[str]:
+    """A comma-separated list of label names (as typed on a command line) -> names in CT-CLIP order.
+
+    "" (or only spaces) is a normal study: []. A list whose items are all empty (",,,") names nothing, which is a
+    typing error rather than a normal study: ValueError, as for an unknown label."""
+    if not text.strip():
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ValueError(f"The label list {text!r} names no label; give names separated by commas, "
+                         'or "" for a normal study.')
+    return check_labels(item for item in items if item)
 
 
 def label_vector(names) -> np.ndarray:
