@@ -86,7 +86,8 @@ def _checked(samples: np.ndarray, shown: str, origin: str, rate: int) -> Audio:
     samples = samples.astype(np.float32, copy=False)
     finite = np.isfinite(samples)
     if not finite.all():
-        what = "no numbers at all" if not finite.any() else f"{np.count_nonzero(~finite):,} samples that are not numbers"
+        bad = np.count_nonzero(~finite)
+        what = "no numbers at all" if not finite.any() else f"{bad:,} samples that are not numbers"
         raise UserError(f"The recording {shown} holds {what} (NaN or infinity), so it is damaged.")
     samples = np.clip(samples, -1.0, 1.0)
     seconds = samples.size / SAMPLE_RATE

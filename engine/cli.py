@@ -90,7 +90,7 @@ def cmd_phantom(args) -> dict:
     except ValueError as err:
         raise UserError(str(err)) from None
     if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be a whole number between 0 and {MAX_SEED}, not {args.seed}.")
+        raise UserError(f"The seed (--seed) must be a whole number between 0 and {MAX_SEED}, not {args.seed}.")
     from engine.volume import check_output_path, write_nifti
 
     out = check_output_path(args.out)  # before the phantom is drawn: a bad path answers at once
@@ -249,7 +249,7 @@ def _check_numbers(args) -> None:
     """Range checks argparse cannot express, shared by every verb (a bad number is bad input: exit 2)."""
     k = getattr(args, "k", None)
     if k is not None and not 1 <= k <= 1000:
-        raise UserError(f"--k must be between 1 and 1000, not {k}.")
+        raise UserError(f"The number of results (--k) must be between 1 and 1000, not {k}.")
 
 
 def _fail(message: str, status: int, as_json: bool) -> int:

@@ -82,21 +82,21 @@ no nor not of off on only or other our over per same seen shall should show show
 their them then there these they this those through to too under up upon very was we were what when where which while
 who whose will with within without would yet""".split())
 REPORT_VOCABULARY = frozenset("""
-abdomen abnormal abnormality acute adenopathy air airway airways anterior aorta aortic apex apical artery ascending
-axial basal base bilateral bilaterally bone bones bronchi bronchial bronchus calcified calcification cardiac cardiomegaly
-change changes chest chronic clear collapse compared compatible consistent contrast coronary cyst cystic density
-descending diameter diffuse dilated dilatation distal effusion emphysema enlarged enlargement evidence examination
-fibrosis fibrotic finding findings fluid focal fracture glass ground heart hernia hilar history identified image
-images impression increased infiltrate inferior inflammatory interstitial large lateral left lesion lobe lobar lobes
-lower lung lungs lymph mass measuring mediastinal mediastinum middle mild minimal moderate multiple node nodes
-nodular nodule normal noted observed organizing organising bronchiolitis pneumonitis opacity opacities patient pattern peripheral pleural pneumonia pneumothorax
-posterior present previous prior probably pulmonary reticular right scan segment segmental seen severe size small
-soft spine stable structures study subpleural superior thickening thickness thoracic thorax tissue trachea tree
-tumor tumour upper vascular vertebral vessels wall widespread mm cm preserved intervertebral disc distance
-recommended natural naturally plane fat fatty control post treatment clinical correlation appear adrenal gland
-esophageal oesophageal followed ct narrowed evaluation evaluated bile liver detected infiltration minimally however
-duct contour significant malignant pathology diffusely bladder parenchymal due kidney spleen pancreas patchy
-bibasilar likely dependent""".split())
+abdomen abnormal abnormality acute adenopathy adrenal air airway airways anterior aorta aortic apex apical appear
+artery ascending axial basal base bibasilar bilateral bilaterally bile bladder bone bones bronchi bronchial
+bronchiolitis bronchus calcification calcified cardiac cardiomegaly change changes chest chronic clear clinical cm
+collapse compared compatible consistent contour contrast control coronary correlation ct cyst cystic density
+dependent descending detected diameter diffuse diffusely dilatation dilated disc distal distance duct due effusion
+emphysema enlarged enlargement esophageal evaluated evaluation evidence examination fat fatty fibrosis fibrotic
+finding findings fluid focal followed fracture gland glass ground heart hernia hilar history however identified
+image images impression increased inferior infiltrate infiltration inflammatory interstitial intervertebral kidney
+large lateral left lesion likely liver lobar lobe lobes lower lung lungs lymph malignant mass measuring mediastinal
+mediastinum middle mild minimal minimally mm moderate multiple narrowed natural naturally node nodes nodular nodule
+normal noted observed oesophageal opacities opacity organising organizing pancreas parenchymal patchy pathology
+patient pattern peripheral plane pleural pneumonia pneumonitis pneumothorax post posterior present preserved
+previous prior probably pulmonary recommended reticular right scan seen segment segmental severe significant size
+small soft spine spleen stable structures study subpleural superior thickening thickness thoracic thorax tissue
+trachea treatment tree tumor tumour upper vascular vertebral vessels wall widespread""".split())
 
 
 def english_word_share(text: str) -> tuple[int, float]:

@@ -155,8 +155,8 @@ def _read_image_file(path: Path) -> Volume:
     volume = _to_volume(image, source=str(path), header_scale=header_scale)
     del image
     if non_finite_on_disk:
-        volume.warnings.insert(0, f"{non_finite_on_disk:,} voxels were not numbers (NaN or infinity); the NIfTI "
-                                  "reader set them to 0.")
+        volume.warnings.insert(0, f"The file held {non_finite_on_disk:,} voxels that were not numbers (NaN or "
+                                  "infinity); the NIfTI reader set them to 0.")
     if dicom not in (None, "ct"):
         volume.warnings.append(f"The DICOM modality is {dicom}, not CT; the values were checked and look like HU.")
     if volume.array.shape[0] == 1:
@@ -494,8 +494,8 @@ def _to_volume(image: sitk.Image, source: str, header_scale: tuple[float, float]
     if not finite.all():
         if not finite.any():
             raise UserError(f"The image {name!r} holds no numbers at all (every voxel is NaN or infinite).")
-        warnings.append(f"{np.count_nonzero(~finite):,} voxels were not numbers (NaN or infinity) and were set "
-                        "to -1024 HU.")
+        warnings.append(f"The file held {np.count_nonzero(~finite):,} voxels that were not numbers (NaN or "
+                        "infinity); they were set to -1024 HU.")
         array[~finite] = HU_FLOOR
     del finite
     kind = classify_intensities(array)

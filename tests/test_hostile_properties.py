@@ -198,7 +198,8 @@ def test_english_queries_pass(text):
     "Kein Pleuraerguss. Herz normal groß. Lunge beidseits belüftet.",                     # German, one shared word
     "Epanchement pleural droit de faible abondance avec atélectasie.",                    # French
     "Derrame pleural derecho y enfisema centrolobulillar bilateral.",                     # Spanish
-    "右側胸水と肺気腫", "Правосторонний плевральный выпот и эмфизема."])                      # Japanese, Russian
+    "右側胸水と肺気腫",  # Japanese
+    "Правосторонний плевральный выпот и эмфизема."])  # Russian
 def test_other_languages_are_refused_by_one_rule(text):
     assert "does not look like English" in one_sentence(check_query_text, text)
 
