@@ -97,8 +97,11 @@ def read_ct(path) -> Volume:
     values (air near 0, intercept -1024 missing) are shifted by -1024 HU with a warning, a header rescale that would
     double-rescale HU data is undone with a warning, and anything else that is not CT in HU raises UserError. Padding
     voxels below -1500 HU (outside the scanner's field of view, -2048 or -3024) are set to -1024 HU with a warning.
-    Safety: voxel counts are checked from the header (ReadImageInformation) before any voxel is read, zips from their
-    directory before extraction. DICOM patient tags are never read into the Volume, logged or written.
+    Safety: the memory a read would take (`read_cost_bytes`), the in-plane size and the voxel spacing are checked from
+    the header (ReadImageInformation, and the raw spacing fields ITK would silently repair) before any voxel is read;
+    a NIfTI's voxel bytes are streamed once to check they are all there; zips are checked from their directory
+    before extraction. A volume that does not look like a chest CT is read with a warning in `volume.warnings` (so
+    every answer about it carries it). DICOM patient tags are never read into the Volume, logged or written.
     """
     path = Path(path)
     try:
