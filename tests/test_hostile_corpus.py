@@ -4,8 +4,8 @@ Every case runs `python -m engine VERB ... --json` and asserts the contract of d
 - exit status 2 with exactly one JSON object {"error": "<one sentence>"} for bad input, or 0 for an odd but valid
   input, with the expected warning in the answer's "warnings";
 - no traceback and no raw library text (ITK, Pillow, FFmpeg) on stderr;
-- a bounded peak memory of the child process (its own ru_maxrss from os.wait4), and for the decompression bomb a
-  bounded CPU time (user + system, which other processes on the machine do not inflate, unlike wall time).
+- a bounded peak memory of the child process (its own ru_maxrss from os.wait4, see WRAPPER), and for the
+  decompression bomb a bounded CPU time (user + system, which other processes on the machine do not inflate, unlike wall time).
 
 The files are generated small in a temporary folder (real data from ../shared/data where a real file matters);
 the cases run two at a time. One hostile-file suite: the former tests/test_bad_inputs_io.py and the bad-input
@@ -22,7 +22,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -840,31 +839,38 @@ class Result:
     notes: list = field(default_factory=list)
 
 
+# The engine runs as the child of a small wrapper process, which reports the engine's own peak RSS and CPU time
+# (os.wait4). Linux counts the memory a process had before exec in its ru_maxrss, so measured straight from this
+# (large) pytest process the engine would be charged with pytest's memory; the wrapper holds about 10 MB.
+WRAPPER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "engine", *sys.argv[1:]])
+_, status, usage = os.wait4(pid, 0)
+with open(os.environ["HOSTILE_RUSAGE_FILE"], "w") as f:
+    f.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_case(c: Case, folder: Path) -> Result:
-    """Run one case's CLI call in a child process; its own peak RSS and CPU time come from os.wait4."""
+    """Run one case's CLI call in a child process (under WRAPPER): exit status, output, peak RSS, CPU time."""
     argv = c.build(folder)
-    command = [os.fsencode(sys.executable), b"-m", b"engine"] + [a if isinstance(a, bytes) else os.fsencode(a)
-                                                                  for a in argv]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CT_WORKSTATION_LIBRARY": str(folder / "user_library")}
+    command = [os.fsencode(sys.executable), b"-c", WRAPPER.encode()] + [a if isinstance(a, bytes) else os.fsencode(a)
+                                                                         for a in argv]
+    usage_file = folder / "rusage.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CT_WORKSTATION_LIBRARY": str(folder / "user_library"),
+           "HOSTILE_RUSAGE_FILE": str(usage_file)}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=env)
-        deadline = time.monotonic() + 300
-        while True:                                    # wait4 with a deadline (a hang is a failure, not a stall)
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=err, env=env, timeout=300)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
     lines = [ln for ln in stdout.splitlines() if ln.strip()]
     payload = json.loads(lines[0]) if len(lines) == 1 else None
-    return Result(proc.returncode, payload, stdout, stderr, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
+    maxrss_kb, cpu_s = usage_file.read_text().split()
+    return Result(proc.returncode, payload, stdout, stderr, int(maxrss_kb) / 1024, float(cpu_s))
 
 
 @pytest.fixture(scope="module")
