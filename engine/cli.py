@@ -79,9 +79,6 @@ def cmd_inspect(args) -> dict:
             "warnings": list(audio.warnings)}
 
 
-MAX_SEED = 2**32 - 1   # numpy's default_rng and the phantom's noise take seeds in 0 .. 2**32 - 1
-
-
 def cmd_phantom(args) -> dict:
     from engine.labels import label_dict, parse_label_list
 
@@ -89,8 +86,8 @@ def cmd_phantom(args) -> dict:
         labels = parse_label_list(args.labels) if args.labels is not None else None
     except ValueError as err:
         raise UserError(str(err)) from None
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"The seed (--seed) must be a whole number between 0 and {MAX_SEED}, not {args.seed}.")
+    if args.seed < 0:  # the phantom's random streams come from np.random.SeedSequence: any whole number >= 0
+        raise UserError(f"The seed (--seed) must be a whole number of 0 or more, not {args.seed}.")
     from engine.volume import check_output_path, write_nifti
 
     out = check_output_path(args.out)  # before the phantom is drawn: a bad path answers at once
