@@ -15,6 +15,7 @@ Vocabulary (every field is optional except `label`):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -105,11 +106,20 @@ def english_word_share(text: str) -> tuple[int, float]:
     import re
 
     words = re.findall(r"[^\W\d_]+", text.lower())
+    known = _known_english_words()
+    hits = sum(w in known or w.rstrip("s") in known or (w.endswith("es") and w[:-2] in known) for w in words)
+    return len(words), hits / max(len(words), 1)
+
+
+@lru_cache(maxsize=1)
+def _known_english_words() -> frozenset[str]:
+    """ENGLISH_FUNCTION_WORDS, REPORT_VOCABULARY and every word of the label, lobe, severity, station and kind names."""
+    import re
+
     known = set(ENGLISH_FUNCTION_WORDS) | REPORT_VOCABULARY
     for name in (*LABELS, *LOBES, *SEVERITIES, *NODE_STATIONS, *(k for ks in KINDS.values() if ks for k in ks)):
         known.update(re.findall(r"[^\W\d_]+", name.lower()))
-    hits = sum(w in known or w.rstrip("s") in known or (w.endswith("es") and w[:-2] in known) for w in words)
-    return len(words), hits / max(len(words), 1)
+    return frozenset(known)
 
 
 def check_labels(names) -> list[str]:
