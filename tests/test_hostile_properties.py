@@ -178,7 +178,7 @@ def test_unwritable_output_is_one_sentence_without_itk_text(tmp_path, capfd):
 # ----------------------------------------------------------------------------------------------------- text, labels
 
 def test_every_real_ctrate_report_is_english(shared_data):
-    with open(shared_data / "ctrate_reports" / "reports_with_labels.csv", newline="") as f:
+    with open(shared_data / "ctrate_reports" / "reports_with_labels.csv", newline="", encoding="utf-8") as f:
         reports = [row["findings"] + " " + row["impression"] for row in csv.DictReader(f)]
     assert len(reports) == 800
     for report in reports:
