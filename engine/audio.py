@@ -15,7 +15,7 @@ window may be shorter; each window is encoded and the embeddings averaged (by th
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
 
@@ -27,6 +27,8 @@ SAMPLE_RATE = 16000        # Hz, what Whisper's feature extractor expects
 MIN_SECONDS = 0.1          # shorter recordings hold no word
 MAX_SECONDS = 600.0        # 10 minutes; a dictated chest CT report takes 1-3 minutes
 SILENCE_DBFS = -60.0       # RMS level (dB relative to full scale) below which a recording counts as silent
+MIN_SAMPLE_RATE = 8000     # Hz; telephone speech, the lowest rate that still carries words
+CLIPPED_SHARE = 0.01       # share of samples at full scale (|x| >= 0.999) above which a recording is called clipped
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Audio:
     sample_rate: int = SAMPLE_RATE
     seconds: float = 0.0
     source: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def read_audio(source, rate: int | None = None) -> Audio:
@@ -50,25 +53,43 @@ def read_audio(source, rate: int | None = None) -> Audio:
     if isinstance(source, np.ndarray):
         if not rate or rate <= 0:
             raise UserError("An audio array needs its sample rate in Hz.")
-        samples, shown, origin = _from_array(source, int(rate)), "from the microphone", "microphone"
+        shown, origin = "from the microphone", "microphone"
+        _check_rate(int(rate), shown)
+        samples = _from_array(source, int(rate))
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise UserError("The uploaded audio is empty.")
-        samples, shown, origin = _decode(io.BytesIO(bytes(source)), "'upload'"), "'upload'", "upload"
+        shown, origin = "'upload'", "upload"
+        samples, rate = _decode(io.BytesIO(bytes(source)), shown)
     else:
         path = Path(source)
+        if path.is_dir():
+            raise UserError(f"The audio path {path.name!r} is a folder, not a recording.")
         if not path.is_file():
             raise UserError(f"The audio file {path.name!r} does not exist.")
         if path.stat().st_size == 0:
             raise UserError(f"The audio file {path.name!r} is empty.")
         shown = repr(path.name)
-        samples, origin = _decode(str(path), shown), str(path)
-    return _checked(samples, shown, origin)
+        (samples, rate), origin = _decode(str(path), shown), str(path)
+    return _checked(samples, shown, origin, int(rate))
 
 
-def _checked(samples: np.ndarray, shown: str, origin: str) -> Audio:
-    """Clip to [-1, 1] and refuse recordings that are too short or silent."""
-    samples = np.clip(np.nan_to_num(samples.astype(np.float32, copy=False)), -1.0, 1.0)
+def _check_rate(rate: int, shown: str) -> None:
+    if rate < MIN_SAMPLE_RATE:
+        raise UserError(f"The recording {shown} has a sample rate of {rate} Hz; speech needs at least "
+                        f"{MIN_SAMPLE_RATE} Hz.")
+
+
+def _checked(samples: np.ndarray, shown: str, origin: str, rate: int) -> Audio:
+    """Refuse recordings that hold non-numbers, are too short or silent; clip to [-1, 1]; warn about a low source
+    rate (`rate`, Hz, before resampling) and clipping."""
+    samples = samples.astype(np.float32, copy=False)
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = np.count_nonzero(~finite)
+        what = "no numbers at all" if not finite.any() else f"{bad:,} samples that are not numbers"
+        raise UserError(f"The recording {shown} holds {what} (NaN or infinity), so it is damaged.")
+    samples = np.clip(samples, -1.0, 1.0)
     seconds = samples.size / SAMPLE_RATE
     if seconds < MIN_SECONDS:
         raise UserError(f"The recording {shown} lasts {seconds:.2f} s, too short to hold speech.")
@@ -76,7 +97,16 @@ def _checked(samples: np.ndarray, shown: str, origin: str) -> Audio:
     if level < SILENCE_DBFS:
         raise UserError(f"The recording {shown} is silent (its level is below {SILENCE_DBFS:.0f} dBFS); "
                         "check the microphone.")
-    return Audio(samples=np.ascontiguousarray(samples), sample_rate=SAMPLE_RATE, seconds=seconds, source=origin)
+    warnings = []
+    if rate < SAMPLE_RATE:
+        warnings.append(f"The recording was made at {rate} Hz, below the {SAMPLE_RATE} Hz the speech model hears; "
+                        "it was upsampled, so high frequencies are missing.")
+    clipped = float(np.mean(np.abs(samples) >= 0.999))
+    if clipped > CLIPPED_SHARE:
+        warnings.append(f"The recording is clipped ({clipped:.1%} of its samples are at full scale), so words may "
+                        "be distorted.")
+    return Audio(samples=np.ascontiguousarray(samples), sample_rate=SAMPLE_RATE, seconds=seconds, source=origin,
+                 warnings=warnings)
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
@@ -87,8 +117,9 @@ def rms_dbfs(samples: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------------------------------------- decoding
 
-def _decode(file, shown: str) -> np.ndarray:
-    """PyAV: the first audio stream, resampled by libswresample to 16 kHz mono float32, at most MAX_SECONDS."""
+def _decode(file, shown: str) -> tuple[np.ndarray, int]:
+    """PyAV: the first audio stream, resampled by libswresample to 16 kHz mono float32, at most MAX_SECONDS.
+    Returns (samples, the stream's own sample rate in Hz)."""
     import av
 
     limit = int(MAX_SECONDS * SAMPLE_RATE)
@@ -98,6 +129,10 @@ def _decode(file, shown: str) -> np.ndarray:
             if not container.streams.audio:
                 raise UserError(f"The file {shown} holds no audio stream.")
             stream = container.streams.audio[0]
+            source_rate = int(stream.rate or stream.codec_context.sample_rate or 0)
+            if (stream.codec_context.channels or 0) < 1:
+                raise UserError(f"The file {shown} holds an audio stream with no channels.")
+            _check_rate(source_rate, shown)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
@@ -111,7 +146,7 @@ def _decode(file, shown: str) -> np.ndarray:
         raise
     except (av.FFmpegError, ValueError, EOFError, OSError):
         raise UserError(f"The file {shown} could not be decoded as audio.") from None
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)), source_rate
 
 
 def _from_array(array: np.ndarray, rate: int) -> np.ndarray:

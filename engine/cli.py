@@ -68,23 +68,23 @@ def cmd_inspect(args) -> dict:
 
     audio = read_audio(args.audio)
     return {"kind": "audio", "seconds": round(audio.seconds, 3), "sample_rate": SAMPLE_RATE,
-            "rms_dbfs": round(rms_dbfs(audio.samples), 2), "windows_30s": len(split_windows(audio.samples))}
+            "rms_dbfs": round(rms_dbfs(audio.samples), 2), "windows_30s": len(split_windows(audio.samples)),
+            "warnings": list(audio.warnings)}
 
 
 def cmd_phantom(args) -> dict:
-    from engine.labels import check_labels, label_dict
+    from engine.labels import label_dict, parse_label_list
 
     try:
-        labels = check_labels(args.labels.split(",")) if args.labels is not None else None
+        labels = parse_label_list(args.labels) if args.labels is not None else None
     except ValueError as err:
         raise UserError(str(err)) from None
-    out = Path(args.out)
-    if not out.name.endswith((".nii.gz", ".nii")):
-        raise UserError(f"The output file must end in .nii.gz or .nii, not {out.name!r}.")
-    if not out.parent.exists():
-        raise UserError(f"The output folder {str(out.parent)!r} does not exist.")
+    if args.seed < 0:  # the phantom's random streams come from np.random.SeedSequence: any whole number >= 0
+        raise UserError(f"The seed (--seed) must be a whole number of 0 or more, not {args.seed}.")
+    from engine.volume import check_output_path, write_nifti
+
+    out = check_output_path(args.out)  # before the phantom is drawn: a bad path answers at once
     from engine.phantom import make_study
-    from engine.volume import write_nifti
 
     study = make_study(args.seed, labels=labels)
     write_nifti(study.volume, out)
@@ -115,8 +115,6 @@ def cmd_retrieve(args) -> dict:
     from engine.query import check_query_text
 
     text = check_query_text(args.text)  # before loading any model: bad queries answer at once
-    if args.k < 1 or args.k > 1000:
-        raise UserError("--k must be between 1 and 1000.")
     from engine.study_library import user_library_folder
 
     user_library_folder(args.library)     # a library that is a file: one sentence before the model loads
@@ -143,12 +141,17 @@ def cmd_index(args) -> dict:
     from engine.study_library import user_library_folder
 
     user_library_folder(args.library)
+    for path in args.ct:  # before loading any model: a missing file answers at once
+        if not os.path.lexists(path):
+            raise UserError(f"The CT file or folder {Path(path).name!r} does not exist.")
     pipeline = _pipeline(args)
     library = _library(args, pipeline)
     added = []
     for path in args.ct:
         sid, new = library.index_file(path)  # each file commits on its own: an interrupted run keeps what it did
-        added.append({"id": sid, "path": str(Path(path).resolve()), "added": new})
+        study = library.user_index.get(sid)  # the warnings of the reading were stored with the study
+        warnings = list((study.meta or {}).get("warnings", [])) if study is not None else []
+        added.append({"id": sid, "path": str(Path(path).resolve()), "added": new, "warnings": warnings})
     return {"indexed": added, "library": str(library.user_dir), "size": len(library.user_index),
             "model_id": pipeline.model_id}
 
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        _check_numbers(args)
         result = VERBS[args.verb](args)
         if as_json:
             print(json.dumps(result))
@@ -237,9 +241,16 @@ def main(argv=None) -> int:
         return _fail(f"Internal error ({type(err).__name__}); rerun with --debug for details.", 1, as_json)
 
 
+def _check_numbers(args) -> None:
+    """Range checks argparse cannot express, shared by every verb (a bad number is bad input: exit 2)."""
+    k = getattr(args, "k", None)
+    if k is not None and not 1 <= k <= 1000:
+        raise UserError(f"The number of results (--k) must be between 1 and 1000, not {k}.")
+
+
 def _fail(message: str, status: int, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": message}))
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)  # stderr escapes undecodable bytes (backslashreplace)
     return status

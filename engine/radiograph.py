@@ -13,16 +13,20 @@ CT slices and volumes, non-images, empty, blank or tiny images raise UserError w
 """
 from __future__ import annotations
 
+import warnings as python_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from engine.errors import UserError
 
+if TYPE_CHECKING:  # torch is imported where a tensor is made: reading and refusing files stays fast
+    import torch
+
 MAX_PIXELS = 60_000_000        # about 7750 x 7750: larger "radiographs" are refused before decoding
-MIN_SIDE = 16                  # pixels; smaller is not a radiograph
+MIN_SIDE = 64                  # pixels; smaller is an icon, not a radiograph (even a thumbnail has ~256)
 CT_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2",)   # CT Image Storage (and Enhanced CT, .1)
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 
@@ -40,6 +44,8 @@ class Radiograph:
 def read_radiograph(path) -> Radiograph:
     """Read a chest radiograph from PNG, JPEG (or another Pillow format) or DICOM; see the module docstring."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"The path {path.name!r} is a folder, not a radiograph file.")
     if not path.is_file():
         raise UserError(f"The radiograph file {path.name!r} does not exist.")
     if path.stat().st_size == 0:
@@ -70,10 +76,15 @@ def _read_picture(path: Path) -> tuple[np.ndarray, list[str]]:
 
     warnings: list[str] = []
     try:
-        with Image.open(path) as im:
+        with python_warnings.catch_warnings():   # Pillow's DecompressionBombWarning: the size is checked below
+            python_warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
             if im.width * im.height > MAX_PIXELS:
-                raise UserError(f"The image {path.name!r} has {im.width} x {im.height} pixels, more than this "
-                                "workstation reads.")
+                raise UserError(f"The image {path.name!r} has {im.width} x {im.height} pixels, more than the "
+                                f"{MAX_PIXELS // 1_000_000} million this workstation reads.")
+            if getattr(im, "n_frames", 1) > 1:
+                warnings.append(f"The image holds {im.n_frames} frames (an animation); only the first was read.")
             im = ImageOps.exif_transpose(im)
             im.load()
             mode = im.mode
@@ -87,7 +98,10 @@ def _read_picture(path: Path) -> tuple[np.ndarray, list[str]]:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except UserError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:    # over twice Pillow's own limit: refused by Pillow before our check
+        raise UserError(f"The image {path.name!r} has more than {2 * Image.MAX_IMAGE_PIXELS // 1_000_000} million "
+                        f"pixels, more than the {MAX_PIXELS // 1_000_000} million this workstation reads.") from None
+    except UnidentifiedImageError:
         raise UserError(f"The file {path.name!r} is not an image this workstation can read "
                         "(PNG, JPEG or DICOM).") from None
     except (OSError, ValueError, SyntaxError):
@@ -184,11 +198,12 @@ def _pixel_spacing(ds) -> tuple[float, float] | None:
 
 # --------------------------------------------------------------------------------------------------- for a model
 
-def normalise_for_model(radiograph: Radiograph, size: int = 224, standardise: bool = False) -> torch.Tensor:
+def normalise_for_model(radiograph: Radiograph, size: int = 224, standardise: bool = False) -> "torch.Tensor":
     """float32 tensor (1, size, size): the image resized (aspect kept, skimage, anti-aliased) so its longer side is
     `size`, centred and padded with 0 (black, no attenuation). Values stay in [0, 1] (the range of the DRRs the
     CXR encoder trains on); with `standardise=True` they are shifted/scaled to zero mean, unit variance computed
     over the image (not the padding), the padding set to the image's own black level."""
+    import torch
     from skimage.transform import resize
 
     image = radiograph.image

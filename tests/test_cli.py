@@ -1,12 +1,12 @@
-"""The public CLI contract: one JSON object on stdout, exit 2 + {"error": one sentence} on bad input, no traceback."""
+"""The public CLI contract on good input: one JSON object on stdout with the documented keys.
+
+Bad and odd inputs (exit 2 with one sentence, warnings, no traceback, bounded memory) are in the one hostile-input
+suite, tests/test_hostile_corpus.py."""
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,99 +81,6 @@ def test_phantom_normal_study(tmp_path):
     assert sum(out["labels"].values()) == 0 and out["findings"] == []
 
 
-def _bad_ct_files(tmp: Path, shared: Path) -> dict[str, Path]:
-    files = {}
-    files["empty"] = tmp / "empty.nii.gz"
-    files["empty"].write_bytes(b"")
-    raw = (shared / "ct" / "lung1_image_small128.nii.gz").read_bytes()
-    files["truncated"] = tmp / "truncated.nii.gz"
-    files["truncated"].write_bytes(raw[: len(raw) // 3])
-    files["png"] = shared / "cxr" / "00000001_000.png"
-    eight_bit = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 256, (40, 64, 64)).astype(np.uint8))
-    files["8bit"] = tmp / "eight_bit.nii.gz"
-    sitk.WriteImage(eight_bit, str(files["8bit"]))
-    yy, xx = np.mgrid[:64, :64]
-    mri = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2, 300.0, 0.0)[None].repeat(30, 0)
-    mri = mri + np.random.default_rng(1).normal(0, 20, mri.shape) + 600 * ((yy - 32) ** 2 + (xx - 20) ** 2 < 64)
-    files["mri"] = tmp / "mri.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(mri.astype(np.float32)), str(files["mri"]))
-    # A NIfTI-1 header that claims 4000 x 4000 x 700 int16 voxels (about 22 GB) with hardly any data behind it.
-    hdr = bytearray(348)
-    struct.pack_into("<i", hdr, 0, 348)                                # sizeof_hdr
-    struct.pack_into("<8h", hdr, 40, 3, 4000, 4000, 700, 1, 1, 1, 1)  # dim
-    struct.pack_into("<hh", hdr, 70, 4, 16)                            # datatype int16, bitpix
-    struct.pack_into("<4f", hdr, 76, 1, 1, 1, 1)                       # pixdim
-    struct.pack_into("<f", hdr, 108, 352)                              # vox_offset
-    hdr[344:348] = b"n+1\0"
-    raw_hdr = hdr
-    files["huge_header"] = tmp / "huge.nii.gz"
-    files["huge_header"].write_bytes(gzip.compress(bytes(raw_hdr) + b"\0" * 4 + b"\0" * 1024))
-    # A zip bomb: one member that inflates to 5 GB of zeros (written in streamed chunks, a few MB on disk).
-    files["zip_bomb"] = tmp / "bomb.zip"
-    with zipfile.ZipFile(files["zip_bomb"], "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        with zf.open("slice0001.dcm", "w", force_zip64=True) as member:
-            chunk = b"\0" * (64 << 20)
-            for _ in range(80):
-                member.write(chunk)
-    files["not_an_image"] = tmp / "notes.nii.gz"
-    files["not_an_image"].write_text("this is a text file, not a CT")
-    files["missing"] = tmp / "does_not_exist.nii.gz"
-    return files
-
-
-@pytest.mark.slow
-def test_bad_ct_inputs_give_one_sentence_and_status_2(tmp_path, shared_data):
-    for name, path in _bad_ct_files(tmp_path, shared_data).items():
-        code, out, _ = run_cli("inspect", "--ct", str(path), "--json")
-        assert_one_sentence_error(code, out)
-
-
-def test_bad_arguments(tmp_path):
-    assert_one_sentence_error(*run_cli("inspect", "--json")[:2])
-    assert_one_sentence_error(*run_cli("phantom", "--labels", "Pneumothorax", "--out",
-                                       str(tmp_path / "x.nii.gz"), "--json")[:2])
-    assert_one_sentence_error(*run_cli("phantom", "--labels", "Emphysema", "--out", str(tmp_path / "x.png"),
-                                       "--json")[:2])
-    assert_one_sentence_error(*run_cli("nonsense-verb", "--json")[:2])
-
-
-def test_plain_output_errors_go_to_stderr(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "engine", "inspect", "--ct", str(tmp_path / "nope.nii")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-
-
-def test_mixed_dicom_series_folder_is_refused(tmp_path, shared_data):
-    from tests.test_io_ct import write_dicom_series
-
-    image = sitk.ReadImage(str(shared_data / "ct" / "lung1_image_small128.nii.gz"))
-    write_dicom_series(image[:, :, :3], tmp_path / "mixed" / "a", "1.2.826.0.1.3680043.2.1125.7.1")
-    write_dicom_series(image[:, :, 3:6], tmp_path / "mixed" / "b", "1.2.826.0.1.3680043.2.1125.7.2")
-    code, out, _ = run_cli("inspect", "--ct", str(tmp_path / "mixed"), "--json")
-    assert_one_sentence_error(code, out)
-    assert "2 DICOM series" in out["error"]
-
-
-def test_bad_audio_and_radiograph_inputs(tmp_path, shared_data):
-    import soundfile
-
-    silent = tmp_path / "silent.wav"
-    soundfile.write(silent, np.zeros(16000 * 3, dtype=np.float32), 16000)
-    empty_wav = tmp_path / "zero.wav"
-    soundfile.write(empty_wav, np.zeros(0, dtype=np.float32), 16000)
-    text = tmp_path / "notes.ogg"
-    text.write_text("not a recording")
-    for path in (silent, empty_wav, text, shared_data / "cxr" / "00000001_000.png"):
-        assert_one_sentence_error(*run_cli("inspect", "--audio", str(path), "--json")[:2])
-    assert_one_sentence_error(*run_cli("inspect", "--cxr", str(shared_data / "ct" / "lung1_image.nii.gz"),
-                                       "--json")[:2])
-    spoken = tmp_path / "spoken.wav"
-    subprocess.run(["espeak-ng", "-w", str(spoken), "Small right pleural effusion."], check=True)
-    code, out, _ = run_cli("inspect", "--audio", str(spoken), "--json")
-    assert code == 0 and out["sample_rate"] == 16000 and 0.5 < out["seconds"] < 5
-
-
 # ------------------------------------------------------------------ CT CLIP verbs (the shipped demo checkpoint)
 
 REPORT = ("Findings: Trachea and both main bronchi are open. Heart size is increased. There is a pleural effusion "
@@ -211,15 +118,3 @@ def test_index_is_idempotent_and_indexed_ct_is_found(tmp_path, shared_data):
     assert again["indexed"][0] == {**first["indexed"][0], "added": False} and again["size"] == 1
     code, out, _ = run_cli("retrieve", "--text", "lung mass", "--k", "400", "--library", library, "--json")
     assert code == 0 and any(r["id"] == first["indexed"][0]["id"] and r["source"] == "file" for r in out["results"])
-
-
-def test_ct_clip_verbs_reject_bad_input(tmp_path, shared_data):
-    for text in ("", "   ", "effusion " * 13_000, "右側胸水と肺気腫"):
-        assert_one_sentence_error(*run_cli("retrieve", "--text", text, "--json")[:2])
-    assert_one_sentence_error(*run_cli("retrieve", "--text", "emphysema", "--k", "0", "--json")[:2])
-    assert_one_sentence_error(*run_cli("zeroshot", "--ct", str(shared_data / "cxr" / "00000001_000.png"),
-                                       "--json")[:2])
-    assert_one_sentence_error(*run_cli("zeroshot", "--ct", str(tmp_path / "missing.nii.gz"), "--json")[:2])
-    assert_one_sentence_error(*run_cli("retrieve", "--text", "emphysema", "--preset", "paper", "--json")[:2])
-    assert_one_sentence_error(*run_cli("index", "--ct", str(tmp_path / "nothing"), "--library",
-                                       str(tmp_path / "lib"), "--json")[:2])
