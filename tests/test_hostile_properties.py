@@ -22,7 +22,7 @@ import engine.volume as volume_module
 from engine.audio import read_audio
 from engine.errors import UserError
 from engine.labels import parse_label_list
-from engine.pipelines import check_query_text
+from engine.query import check_query_text
 from engine.volume import (MAX_READ_BYTES, SPACING_RANGE_MM, Volume, check_output_path, read_cost_bytes, read_ct,
                            write_nifti)
 from tests.test_hostile_corpus import SMALL_CT, nifti_header
