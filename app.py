@@ -1,4 +1,5 @@
-"""Start the chest-CT workstation: `python app.py [--host 127.0.0.1] [--port 7860] [--preset demo|paper] [--weights DIR]`.
+"""Start the chest-CT workstation:
+`python app.py [--host 127.0.0.1] [--port 7860] [--preset demo|paper] [--weights DIR]`.
 
 Opens a Gradio app at http://HOST:PORT (the demo preset, embedded in assets/, works offline on a CPU). Listening
 beyond this machine (`--host 0.0.0.0`) requires login credentials from $CT_WORKSTATION_AUTH or a file

@@ -79,6 +79,7 @@ def _find(results: list[dict], result_id: str) -> tuple[int, dict]:
 
 # --------------------------------------------------------------------------------------------------- the tab
 
+# Reads better whole (122 lines): the layout and the handlers share one set of components through closures.
 def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
     """Build the tab's content in the current context. `models` loads the CT CLIP once per process; when `demo` (the
     enclosing Blocks) is given, the tab says on page load if there is no checkpoint (and how to train one)."""

@@ -3,7 +3,7 @@ may fetch which file. CTs are patient data, so a server shared by several people
 another's uploads, and must not keep them longer than it needs.
 
     limits = ServerLimits()                                   # the defaults the README states
-    credentials = server_credentials(host, auth_file)         # UserError (one sentence) when a non-loopback host has none
+    credentials = server_credentials(host, auth_file)     # one sentence when a non-loopback host has none
     demo = build_app(...); demo.queue(**limits.queue_kwargs())
     demo.launch(**limits.launch_kwargs(), auth=credentials, app_kwargs=private_files_app_kwargs())
 

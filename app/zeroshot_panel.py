@@ -53,7 +53,8 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
             hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
     fig.update_layout(
-        height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10), barmode="overlay",
+        height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10),
+        barmode="overlay",
         bargap=0.25, title=dict(text="CT CLIP zero-shot reading: P(present) per label", font=dict(size=14), x=0.01,
                                 y=0.99, yanchor="top"),
         xaxis=dict(range=[0, 1.1], tickformat=".0%", dtick=0.25, title=None, fixedrange=True),

@@ -82,7 +82,8 @@ class TrainConfig:
     def demo(cls) -> "TrainConfig":
         """The CPU recipe (docs/training.md explains each number; measured on this 2-core machine)."""
         return cls(preset="demo", steps=2000, time_budget_s=85 * 60, batch_size=16, lr=3e-4, betas=(0.9, 0.98),
-                   weight_decay=0.01, warmup_steps=50, schedule="cosine", grad_clip=1.0, amp=False, ckpt_every=100, ckpt_every_s=240,
+                   weight_decay=0.01, warmup_steps=50, schedule="cosine", grad_clip=1.0, amp=False, ckpt_every=100,
+                   ckpt_every_s=240,
                    log_every=10, text_max_length=512, frozen_text_layers=5, cache_text=True, text_lr_mult=1.0,
                    cls_only_top_layer=True, label_loss_weight=1.0,
                    n_train_generated=2000, n_train_real=800, center_heads=64, text_text_weight=1.0,
