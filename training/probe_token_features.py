@@ -123,6 +123,7 @@ def feature_groups() -> dict[str, list[str]]:
         "shares + HU statistics": shares + stats,
         "Hessian / LoG / edges only (3 scales)": shape,
         "shares + statistics + Hessian (3 scales)": shares + stats + shape,
+        "shares + statistics + Hessian 2.5 mm": shares + stats + [n for n in shape if "_s2.5_" in n],
         "fast preset": feature_names(TokenFeatureConfig.fast()),
         "full demo preset": names,
     }
