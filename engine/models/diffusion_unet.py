@@ -54,6 +54,7 @@ class DiffusionUNetConfig(ModelConfig):
     # what the weights were trained to make
     prediction: str = "velocity"  # "velocity" (rectified flow, target x0 - noise) | "epsilon" (DDPM)
     num_train_timesteps: int = 1000
+    default_steps: int = 30  # sampling steps when the caller gives none (Text2CT: 30)
     scale_factor: float = 1.0287  # latent = VAE latent x scale_factor (1 / std of the training latents)
     latent_shape: tuple[int, ...] = (4, 128, 128, 32)  # (C, spatial...) in the network's axes
     image_spacing: tuple[float, float, float] = (0.75, 0.75, 3.0)  # (x, y, z) mm of a generated voxel
@@ -73,7 +74,7 @@ class DiffusionUNetConfig(ModelConfig):
         z, y, x = DEMO_SHAPE_ZYX
         return cls(preset="demo", network="generic", channels=(32, 64, 128), attention_levels=(False, False, True),
                    num_head_channels=(32, 32, 32), num_res_blocks=1, context_dim=256, resblock_updown=False,
-                   include_fc=True, spacing_input=False, num_class_embeds=None, scale_factor=1.0,
+                   include_fc=True, spacing_input=False, num_class_embeds=None, default_steps=15, scale_factor=1.0,
                    latent_shape=(4, z // 4, y // 4, x // 4), image_spacing=tuple(DEMO_SPACING_XYZ), axes="LPS-zyx")
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ class VAEConfig(ModelConfig):
 
     @classmethod
     def demo(cls) -> "VAEConfig":
-        """0.5 M parameters: the demo grid 64 x 128 x 128 -> latent 4 x 16 x 32 x 32, decoded in about 3 s on two
+        """0.74 M parameters: the demo grid 64 x 128 x 128 -> latent 4 x 16 x 32 x 32, decoded in about 3 s on two
         cores (channels (16, 32, 64) measured at 3.0 s in generation-evidence.md; one residual block per level).
         The generic class: no official file to match, and no float16 norms on a CPU."""
         return cls(preset="demo", network="generic", channels=(16, 32, 64), num_res_blocks=(1, 1, 1),
