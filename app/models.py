@@ -111,6 +111,7 @@ class GeneratorModels:
                     raise
                 except Exception as err:  # a damaged checkpoint: one sentence
                     self._error = (f"The generator could not be loaded ({type(err).__name__}); retrain it with "
-                                   "`python -m training vae --preset demo` then `python -m training ldm --preset demo`.")
+                                   "`python -m training vae --preset demo` then `python -m training ldm --preset "
+                                   "demo`.")
                     raise UserError(self._error) from None
             return self._pipeline

@@ -143,7 +143,8 @@ class GeneratePipeline:
                 from engine.pipelines.ctclip import CTClipPipeline
 
                 ctclip = CTClipPipeline.from_pretrained(preset="demo")
-            vae, unet = CTAutoencoder.from_pretrained(directory / "vae"), DiffusionUNet.from_pretrained(directory / "unet")
+            vae = CTAutoencoder.from_pretrained(directory / "vae")
+            unet = DiffusionUNet.from_pretrained(directory / "unet")
             if unet.config.context_dim != ctclip.prompt_latents.shape[-1]:
                 raise UserError(f"The generator in '{directory}' was trained with another CT CLIP (context size "
                                 f"{unet.config.context_dim}); retrain it with 'python -m training ldm --preset demo'.")
@@ -257,7 +258,7 @@ class GeneratePipeline:
         """Decoded intensity (1, 1, ...) in the network's axes -> HU Volume ((z, y, x), LPS, the config's spacing,
         centred on the origin so every viewer places it the same way)."""
         hu = unit_to_hu(unit[0, 0].float()).numpy()
-        if self.config.axes == "RAS-xyz":  # (x, y, z) with x toward the left... as MONAI's RAS: flip x, y back to LPS
+        if self.config.axes == "RAS-xyz":  # MONAI's (x, y, z) after Orientation RAS -> (z, y, x), x and y reversed
             hu = np.transpose(hu, (2, 1, 0))[:, ::-1, ::-1]
         hu = np.ascontiguousarray(np.rint(hu), dtype=np.float32)
         spacing = tuple(float(s) for s in self.config.image_spacing)
