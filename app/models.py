@@ -80,3 +80,38 @@ class CTClipModels:
         except UserError as err:
             return str(err)
         return None
+
+
+class GeneratorModels:
+    """The text -> CT generator (engine.pipelines.generate.GeneratePipeline), loaded once per app process on first
+    use, conditioned on and read by the app's CT CLIP (the same CTClipModels pipeline, not a second copy). One
+    generation runs at a time (`lock`): a second browser tab's request waits for the first."""
+
+    def __init__(self, ctclip_models: CTClipModels, preset: str = "demo", weights: str | None = None):
+        self.ctclip_models, self.preset, self.weights = ctclip_models, preset, weights
+        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held for the whole of one generation
+        self._pipeline = None
+        self._error: str | None = None
+
+    def pipeline(self):
+        """The GeneratePipeline; UserError with one sentence (how to train it) when there is none."""
+        with self._lock:
+            if self._error is not None:
+                raise UserError(self._error)
+            if self._pipeline is None:
+                from engine.pipelines.generate import GeneratePipeline
+
+                try:
+                    ctclip = self.ctclip_models.pipeline()
+                    self._pipeline = GeneratePipeline.from_pretrained(
+                        self.weights if self.preset == "paper" else None, preset=self.preset, ctclip=ctclip)
+                except UserError as err:
+                    self._error = str(err)
+                    raise
+                except Exception as err:  # a damaged checkpoint: one sentence
+                    self._error = (f"The generator could not be loaded ({type(err).__name__}); retrain it with "
+                                   "`python -m training vae --preset demo` then `python -m training ldm --preset "
+                                   "demo`.")
+                    raise UserError(self._error) from None
+            return self._pipeline

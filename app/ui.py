@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from app.find_tab import find_tab
+from app.generate_tab import generate_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
-from app.models import CTClipModels
+from app.models import CTClipModels, GeneratorModels
 from app.server import ServerLimits
 
 
@@ -68,6 +69,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 find_tab(models, demo)
             with gr.Tab("Open a CT", id="open", elem_id="tab-open"):
                 open_tab(models, max_upload_mb=config.limits.max_upload_mb)
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                generate_tab(GeneratorModels(models, preset=config.preset, weights=config.weights))
         gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
                     + " · research demo, not for clinical use.", elem_classes=["footer-note"])
     return demo

@@ -156,6 +156,49 @@ def cmd_index(args) -> dict:
             "model_id": pipeline.model_id}
 
 
+# ---- generate (Text2CT, issue 15): the verb and its parser lines, kept together ----------------------------------
+
+def cmd_generate(args) -> dict:
+    """A synthetic CT from a report: {"path", "shape" (x, y, z), "spacing" (x, y, z) mm, "orientation", "elapsed_s",
+    "findings" (the CT CLIP's reading of the generated volume), "asked" (the prompt's own label probabilities),
+    "synthetic": true, "seed", "steps", "guidance", "timings_s", "model_id"}."""
+    from engine.pipelines.generate import DEFAULT_GUIDANCE, check_guidance, check_steps, write_synthetic_nifti
+    from engine.query import check_query_text
+
+    text = check_query_text(args.text)  # every input checked before any model loads
+    steps = None if args.steps is None else check_steps(args.steps)
+    guidance = check_guidance(DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
+    out = Path(args.out)
+    if not out.name.lower().endswith((".nii", ".nii.gz")) or not out.parent.is_dir():
+        raise UserError(f"--out must be a .nii.gz or .nii file in an existing folder, not {args.out!r}.")
+    started = time.perf_counter()
+    from engine.pipelines.generate import GeneratePipeline
+
+    pipeline = GeneratePipeline.from_pretrained(args.weights, preset=args.preset)
+    result = pipeline.generate(text, steps=steps, guidance=guidance, seed=args.seed)
+    path = write_synthetic_nifti(result.volume, out)
+    reading = pipeline.read(result.volume, result.text_latent) or {}
+    return {"path": str(path.resolve()), "shape": list(result.volume.shape_xyz),
+            "spacing": [round(s, 6) for s in result.volume.spacing], "orientation": "LPS", "synthetic": True,
+            "elapsed_s": round(time.perf_counter() - started, 4), "findings": reading.get("findings"),
+            "asked": reading.get("asked"), "seed": args.seed, "steps": result.steps, "guidance": result.guidance,
+            "timings_s": result.timings_s, "model_id": pipeline.model_id}
+
+
+def add_generate_parser(verb) -> None:
+    p = verb("generate", "generate a synthetic CT volume (NIfTI) from a report")
+    p.add_argument("--text", required=True, help='report text, e.g. "Findings: ... Impression: ..."')
+    p.add_argument("--out", required=True, help="output .nii.gz")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 15 for the demo)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--seed", type=int, default=0, help="the seed: the same seed gives the same volume")
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo", help="model preset (default demo)")
+    p.add_argument("--weights", default=None, help="generator folder (default: assets/generator; paper: a folder "
+                   "with Text2CT's official files)")
+
+# ---- end of generate ----------------------------------------------------------------------------------------------
+
+
 VERBS = {
     "info": cmd_info,
     "inspect": cmd_inspect,
@@ -163,6 +206,7 @@ VERBS = {
     "retrieve": cmd_retrieve,
     "zeroshot": cmd_zeroshot,
     "index": cmd_index,
+    "generate": cmd_generate,
 }
 
 
@@ -205,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", required=True, nargs="+", help="CT files, DICOM folders or zips")
     p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
     model_options(p)
+    add_generate_parser(verb)
     return parser
 
 

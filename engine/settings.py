@@ -5,6 +5,7 @@ a caller that sets an environment variable after importing the engine is still h
     CT_LIBRARY_EMBEDDINGS    the demo library's latents made with it (default assets/library/ctclip_embeddings...)
     CT_WORKSTATION_LIBRARY   the user's own indexed CTs (default ~/.local/share/ct-workstation)
     CT_SHARED_DATA           the real data used by training and tests (default ../shared/data beside the checkout)
+    CT_GENERATOR_DIR         the demo generator (vae/ and unet/ checkpoint folders; default assets/generator)
 """
 from __future__ import annotations
 
@@ -57,3 +58,8 @@ def training_runs_dir() -> Path:
 def training_cache_dir() -> Path:
     """Where `python -m training` keeps its rendered phantom caches."""
     return ROOT / "cache"
+
+
+def generator_dir() -> Path:
+    """The demo generator: DIR/vae and DIR/unet checkpoint folders ($CT_GENERATOR_DIR; default assets/generator)."""
+    return _path("CT_GENERATOR_DIR", ASSETS / "generator")

@@ -24,3 +24,23 @@ def tiny_ctclip_config(small_text: bool = False, **changes) -> CTCLIPConfig:
         changes.setdefault("text_config", dict(demo.text.architecture, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=2, intermediate_size=64))
     return CTCLIPConfig.from_dict({**demo.to_dict(), "preset": "tiny", **tiny_ctclip_overrides(**changes)})
+
+
+def tiny_vae_config():
+    """The demo autoencoder's family at 8 channels: TINY_SHAPE (16, 32, 32) <-> latent 4 x 4 x 8 x 8."""
+    from engine.models.vae import VAEConfig
+
+    return VAEConfig.from_dict({**VAEConfig.demo().to_dict(), "preset": "tiny", "channels": (8, 8, 8),
+                                "norm_num_groups": 4})
+
+
+def tiny_unet_config(**changes):
+    """The demo U-Net's family at 8-16 channels on the tiny latent (4, 4, 8, 8), context 32 = the tiny CT CLIP's
+    latent, the tiny grid's spacing."""
+    from engine.models.diffusion_unet import DiffusionUNetConfig
+
+    z, y, x = TINY_SHAPE
+    return DiffusionUNetConfig.from_dict({
+        **DiffusionUNetConfig.demo().to_dict(), "preset": "tiny", "channels": (8, 16, 16),
+        "num_head_channels": (8, 8, 8), "norm_num_groups": 8, "context_dim": 32, "default_steps": 4,
+        "latent_shape": (4, z // 4, y // 4, x // 4), "image_spacing": TINY_SPACING, **changes})

@@ -4,6 +4,9 @@
                               [--init-from CHECKPOINT_DIR] [--seed S] [--density-log-share]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
+    python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
+    python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
+    python -m training ldm-export [--vae DIR] [--unet DIR] [--out assets/generator]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -57,6 +60,63 @@ def _ctclip_export(args) -> int:
     return 0
 
 
+def _generator_overrides(cfg, args):
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                   "seed": args.seed, "n_generated": args.n_generated}.items() if v is not None}
+    if args.time_budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    return replace(cfg, **overrides)
+
+
+def _vae(args) -> int:
+    from training.train_vae import VAETrainConfig, train_vae
+    from training.train_ldm import default_run
+    cfg = _generator_overrides(VAETrainConfig.demo() if args.preset == "demo" else VAETrainConfig.paper(), args)
+    out = Path(args.out or default_run("vae", cfg.preset))
+    print(json.dumps(train_vae(cfg, out, cache_root=args.cache, resume=args.resume)))
+    return 0
+
+
+def _ldm(args) -> int:
+    from training.train_ldm import LDMTrainConfig, default_run, train_ldm
+    cfg = _generator_overrides(LDMTrainConfig.demo() if args.preset == "demo" else LDMTrainConfig.paper(), args)
+    out = Path(args.out or default_run("ldm", cfg.preset))
+    vae = Path(args.vae or default_run("vae", cfg.preset) / "model")
+    print(json.dumps(train_ldm(cfg, out, vae, cache_root=args.cache, resume=args.resume)))
+    return 0
+
+
+def _ldm_export(args) -> int:
+    from training.train_ldm import export_generator
+    print(json.dumps(export_generator(Path(args.vae), Path(args.unet), Path(args.out))))
+    return 0
+
+
+def _add_generator_stages(sub) -> None:
+    """vae, ldm (Text2CT's two stages) and ldm-export."""
+    for stage, help_ in (("vae", "train the generator's 3-D autoencoder"),
+                         ("ldm", "train the generator's latent diffusion U-Net (needs a trained autoencoder)")):
+        p = sub.add_parser(stage, help=help_)
+        p.add_argument("--preset", choices=("demo", "paper"), default="demo")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--n-generated", type=int, help="phantom studies to train on (demo)")
+        p.add_argument("--time-budget-min", type=float, help="stop after this many minutes of training")
+        p.add_argument("--out", help=f"run directory (default runs/{stage}-PRESET)")
+        p.add_argument("--cache", help="phantom and latent cache (default cache/generator-demo)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+        if stage == "ldm":
+            p.add_argument("--vae", help="the autoencoder folder (default runs/vae-PRESET/model)")
+        p.set_defaults(func=_vae if stage == "vae" else _ldm)
+    x = sub.add_parser("ldm-export", help="copy a trained autoencoder and U-Net to assets/generator (float16)")
+    x.add_argument("--vae", default=str(settings.training_runs_dir() / "vae-demo" / "model"))
+    x.add_argument("--unet", default=str(settings.training_runs_dir() / "ldm-demo" / "model"))
+    x.add_argument("--out", default=str(settings.ASSETS / "generator"))
+    x.set_defaults(func=_ldm_export)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -91,6 +151,7 @@ def main(argv=None) -> int:
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
     x.set_defaults(func=_ctclip_export)
+    _add_generator_stages(sub)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:

@@ -43,7 +43,7 @@ class LoopConfig:
     batch_size: int = 8
     lr: float = 1e-4
     warmup_steps: int = 0
-    schedule: str = "constant"               # "constant" | "cosine" (to 5 % of lr)
+    schedule: str = "constant"               # "constant" | "cosine" (to 5 % of lr) | "polynomial" ((1 - t)^2)
     time_budget_s: float = 0.0               # > 0: also stop (and finish the lr schedule) after this much training
     grad_clip: float = 0.0                   # max global grad norm; 0: no clipping
     amp: bool = True                         # autocast bf16, GPU only
@@ -176,14 +176,17 @@ def progress_of(cfg: LoopConfig, step: int, elapsed_s: float) -> float:
 
 
 def lr_at(cfg: LoopConfig, step: int, progress: float | None = None) -> float:
-    """Linear warm-up over warmup_steps, then constant or cosine (to 5 % of lr) over the run's progress."""
+    """Linear warm-up over warmup_steps, then constant, cosine (to 5 % of lr) or polynomial of power 2 (torch's
+    PolynomialLR(power=2): lr (1 - t)^2, Text2CT's schedule) over the run's progress t."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
+    if cfg.schedule in ("cosine", "polynomial"):
         t = progress if progress is not None else step / max(1, cfg.steps)
         warm = cfg.warmup_steps / max(1, cfg.steps)
-        t = max(0.0, (t - warm) / max(1e-9, 1 - warm))
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        t = min(1.0, max(0.0, (t - warm) / max(1e-9, 1 - warm)))
+        if cfg.schedule == "polynomial":
+            return cfg.lr * (1.0 - t) ** 2
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
     return cfg.lr
 
 

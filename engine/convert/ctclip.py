@@ -59,6 +59,26 @@ class LoadReport:
 # ------------------------------------------------------------------------------------------------ reading files
 
 
+def load_torch_file(path: str | Path, allow_pickle: bool = False):
+    """The object a torch .pt/.pth/.bin file holds, on the CPU, read with weights_only=True; a file that needs
+    arbitrary code to unpickle is refused unless allow_pickle (a pickle can run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint file not found: {path}.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise UserError(f"{path.name} is not a readable PyTorch checkpoint.") from err
+        if not allow_pickle:
+            raise UserError(
+                f"{path.name} needs arbitrary code to unpickle; load it with allow_pickle=True only if you trust it."
+            ) from err
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError) as err:
+        raise UserError(f"{path.name} is not a readable PyTorch checkpoint (truncated or not a torch file).") from err
+
+
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} from a .safetensors or torch .pt/.pth/.bin file, on the CPU.
 
@@ -70,18 +90,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower():
-            raise UserError(f"{path.name} is not a readable PyTorch checkpoint.") from err
-        if not allow_pickle:
-            raise UserError(
-                f"{path.name} needs arbitrary code to unpickle; load it with allow_pickle=True only if you trust it."
-            ) from err
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError) as err:
-        raise UserError(f"{path.name} is not a readable PyTorch checkpoint (truncated or not a torch file).") from err
+    state = load_torch_file(path, allow_pickle)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,0 +1,200 @@
+"""The generation pipeline end to end on a tiny generator (random weights: these tests check the machinery - geometry,
+seeding, guidance algebra, schedulers, progress, cancel, bad inputs - not image quality), conditioned on and read by
+a tiny CT CLIP saved and reloaded as the shipped one is."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import UserError
+from engine.labels import LABELS
+from engine.models.diffusion_unet import DiffusionUNet
+from engine.models.vae import CTAutoencoder
+from engine.pipelines.base import Cancelled, RunControl, make_generator
+from engine.pipelines.ctclip import CTClipPipeline
+from engine.pipelines.generate import (GeneratePipeline, check_guidance, check_steps, guided_prediction,
+                                       make_scheduler, noisy_latent_and_target, read_nifti_description,
+                                       write_synthetic_nifti)
+from engine.volume import read_ct
+from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_config, tiny_unet_config, tiny_vae_config
+
+REPORT = ("Findings: Moderate right pleural effusion. The heart is enlarged. "
+          "Impression: Right pleural effusion. Cardiomegaly.")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """tiny CT CLIP folder, tiny generator folder (vae/ + unet/)."""
+    from engine.models.ctclip import CTCLIP
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gen")
+    CTCLIP.build(tiny_ctclip_config()).save_pretrained(root / "ctclip")
+    CTAutoencoder(tiny_vae_config()).save_pretrained(root / "generator" / "vae")
+    DiffusionUNet(tiny_unet_config()).save_pretrained(root / "generator" / "unet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(folders):
+    ctclip = CTClipPipeline.from_pretrained(folders / "ctclip")
+    return GeneratePipeline.from_pretrained(folders / "generator", ctclip=ctclip)
+
+
+def test_generates_a_volume_with_its_geometry_written_as_synthetic_nifti(pipeline, tmp_path):
+    import SimpleITK as sitk
+
+    seen = []
+    result = pipeline.generate(REPORT, steps=3, seed=7, progress=lambda f, m: seen.append((f, m)))
+    volume = result.volume
+    assert volume.array.shape == TINY_SHAPE and volume.spacing == pytest.approx(TINY_SPACING)
+    assert volume.array.min() >= -1000 and volume.array.max() <= 1000
+    path = write_synthetic_nifti(volume, tmp_path / "synthetic.nii.gz")
+    # an untrained generator draws no CT (read_ct rightly refuses it: no air, no body), so its file is checked
+    # with SimpleITK here; the next test reopens the same path with read_ct on CT content
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == (TINY_SHAPE[2], TINY_SHAPE[1], TINY_SHAPE[0])
+    assert image.GetSpacing() == pytest.approx(TINY_SPACING, rel=1e-5)
+    assert image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert np.array_equal(sitk.GetArrayFromImage(image), volume.array)  # whole HU survive int16 exactly
+    assert "SYNTHETIC" in read_nifti_description(path)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    messages = " ".join(m for _, m in seen)
+    assert "sampling step 3 of 3" in messages and "decoding" in messages
+
+
+@pytest.mark.parametrize("axes", ["LPS-zyx", "RAS-xyz"])
+def test_decoded_intensity_becomes_an_lps_volume_that_read_ct_reopens(folders, lung1_path, tmp_path, axes):
+    """A real CT on the tiny grid, laid out in the network's axes as the decoder would give it, goes through
+    to_volume and write_synthetic_nifti and comes back from read_ct in LPS with the stated spacing, voxel for voxel.
+    RAS-xyz is Text2CT's layout (MONAI's NIfTI order after Orientation RAS: x and y reversed, axes (x, y, z))."""
+    from engine.transforms import Preprocessing, prepare
+
+    grid = Preprocessing("tiny", TINY_SPACING, TINY_SHAPE, out_range=(0.0, 1.0))
+    _, unit = prepare(read_ct(lung1_path), grid)  # (1, z, y, x) LPS, intensity in [0, 1]
+    network = unit if axes == "LPS-zyx" else torch.flip(unit, dims=(2, 3)).permute(0, 3, 2, 1)
+    gen = GeneratePipeline(CTAutoencoder.from_pretrained(folders / "generator" / "vae"),
+                           DiffusionUNet(tiny_unet_config(axes=axes)), lambda texts: None)
+    volume = gen.to_volume(network[None])
+    expected = np.rint(unit[0].numpy() * 2000 - 1000)
+    assert np.array_equal(volume.array, expected)
+    back = read_ct(write_synthetic_nifti(volume, tmp_path / f"{axes}.nii.gz"))
+    assert back.spacing == pytest.approx(TINY_SPACING, rel=1e-5)
+    assert back.direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    centre = np.array(back.origin) + (np.array(back.shape_xyz) - 1) * np.array(back.spacing) / 2
+    assert centre == pytest.approx((0, 0, 0), abs=1e-3)  # centred on the scanner origin
+    assert np.array_equal(back.array, expected)
+
+
+def test_same_seed_same_volume_other_seed_other_volume(pipeline):
+    a = pipeline.generate(REPORT, steps=2, seed=3).volume.array
+    b = pipeline.generate(REPORT, steps=2, seed=3).volume.array
+    c = pipeline.generate(REPORT, steps=2, seed=4).volume.array
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_batched_guidance_equals_two_separate_passes(pipeline):
+    latent = torch.randn(1, 4, 4, 8, 8, generator=make_generator(0))
+    context = torch.nn.functional.normalize(torch.randn(1, 1, 32), dim=-1)
+    t = torch.tensor(640.0)
+    with torch.inference_mode():
+        batched = guided_prediction(pipeline.unet, latent, t, context, 5.0, batched=True)
+        separate = guided_prediction(pipeline.unet, latent, t, context, 5.0, batched=False)
+        cond = pipeline.unet(latent, t.reshape(1), context)
+        uncond = pipeline.unet(latent, t.reshape(1), torch.zeros_like(context))
+        at_one = guided_prediction(pipeline.unet, latent, t, context, 1.0)
+        at_zero = guided_prediction(pipeline.unet, latent, t, context, 0.0)
+    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at_one, cond, rtol=1e-4, atol=1e-5)   # w = 1: the conditional prediction
+    torch.testing.assert_close(at_zero, uncond, rtol=1e-4, atol=1e-5)  # w = 0: the unconditional one
+
+
+def test_rectified_flow_target_is_the_velocity_that_reaches_the_data():
+    """x_t = (1 - t/T) x0 + (t/T) noise and target x0 - noise: one exact Euler step from t to 0 lands on x0."""
+    config = tiny_unet_config()
+    scheduler = make_scheduler(config, training=True)
+    x0, noise = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 4, 8, 8)
+    t = torch.tensor([250.0, 800.0])
+    noisy, target = noisy_latent_and_target(scheduler, x0, noise, t, "velocity")
+    torch.testing.assert_close(noisy[1], 0.2 * x0[1] + 0.8 * noise[1])
+    torch.testing.assert_close(noisy + target * (t / 1000).view(2, 1, 1, 1, 1), x0)
+
+
+def test_epsilon_option_samples_with_ddim_and_is_reproducible(folders):
+    eps = GeneratePipeline(CTAutoencoder.from_pretrained(folders / "generator" / "vae"),
+                           DiffusionUNet(tiny_unet_config(prediction="epsilon")),
+                           lambda texts: np.ones((len(texts), 32), np.float32) / np.sqrt(32))
+    scheduler = make_scheduler(eps.config, training=True)
+    x0, noise = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 4, 4, 8, 8)
+    _, target = noisy_latent_and_target(scheduler, x0, noise, torch.tensor([10]), "epsilon")
+    assert torch.equal(target, noise)
+    a = eps.generate(REPORT, steps=3, seed=1).volume.array
+    assert np.array_equal(a, eps.generate(REPORT, steps=3, seed=1).volume.array)
+
+
+def test_cancel_during_sampling_and_during_windowed_decoding(pipeline):
+    calls = []
+
+    def cancel_at_second_step():
+        calls.append(1)
+        return len(calls) > 2
+    with pytest.raises(Cancelled):
+        pipeline.generate(REPORT, steps=4, cancel=cancel_at_second_step)
+    latent = torch.randn(1, 4, 4, 8, 8)
+    windowed = GeneratePipeline(pipeline.vae, pipeline.unet, pipeline.encode_text, decode_window=(4, 4, 4))
+    seen = []
+    with torch.inference_mode():
+        unit = windowed.decode(latent, RunControl(progress=lambda f, m: seen.append(m)))
+    assert unit.shape == (1, 1, *TINY_SHAPE)
+    assert any("decoding window 1 of" in m for m in seen) and len(seen) >= 3
+    stop = []
+    with pytest.raises(Cancelled), torch.inference_mode():
+        windowed.decode(latent, RunControl(cancel=lambda: stop.append(1) or len(stop) > 1))
+
+
+@pytest.mark.parametrize("steps", [0, 10_000, 2.5, "x"])
+def test_bad_steps_are_one_sentence(steps):
+    with pytest.raises(UserError, match="between 1 and"):
+        check_steps(steps)
+
+
+@pytest.mark.parametrize("guidance", [-0.5, 1e6, float("nan"), float("inf"), "strong"])
+def test_bad_guidance_is_one_sentence(guidance):
+    with pytest.raises(UserError, match="guidance"):
+        check_guidance(guidance)
+
+
+def test_cli_generate_end_to_end_and_bad_inputs(folders, tmp_path):
+    env = {**os.environ, "CT_CTCLIP_DIR": str(folders / "ctclip"), "CT_GENERATOR_DIR": str(folders / "generator"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    out = tmp_path / "gen.nii.gz"
+    run = subprocess.run([sys.executable, "-m", "engine", "generate", "--text", REPORT, "--out", str(out),
+                          "--steps", "2", "--seed", "5", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["path"] == str(out.resolve()) and answer["synthetic"] is True
+    assert answer["shape"] == [TINY_SHAPE[2], TINY_SHAPE[1], TINY_SHAPE[0]]
+    assert answer["spacing"] == pytest.approx(TINY_SPACING, rel=1e-5)
+    assert set(answer["findings"]) == set(LABELS) == set(answer["asked"])
+    assert all(0.0 <= p <= 1.0 for p in answer["findings"].values())
+    from engine.cli import main
+    for argv in (["--text", "   "], ["--text", "effusion " * 6000], ["--text", REPORT, "--steps", "0"],
+                 ["--text", REPORT, "--steps", "10000"], ["--text", REPORT, "--guidance", "-1"],
+                 ["--text", REPORT, "--guidance", "1e9"]):
+        assert main(["generate", *argv, "--out", str(tmp_path / "x.nii.gz"), "--json"]) == 2
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_missing_generator_says_how_to_train_it(tmp_path):
+    with pytest.raises(UserError, match="python -m training vae --preset demo"):
+        GeneratePipeline.from_pretrained(tmp_path, ctclip=object())

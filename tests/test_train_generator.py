@@ -1,0 +1,94 @@
+"""The generator's two trainers on tiny configs and tiny phantoms (the real training code, a few steps each): the
+autoencoder run writes a loadable folder and resumes; the LDM run precomputes latents once, takes the scale factor
+from their std, applies context dropout, and its exported folder generates through GeneratePipeline."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.models.diffusion_unet import DiffusionUNet
+from engine.models.vae import CTAutoencoder
+from engine.pipelines.ctclip import CTClipPipeline
+from engine.pipelines.generate import GeneratePipeline
+from tests.tiny_models import TINY_SHAPE, tiny_ctclip_config, tiny_unet_config, tiny_vae_config
+from training.loop import LoopConfig, lr_at
+from training.train_ldm import LDMStep, LDMTrainConfig, export_generator, train_ldm
+from training.train_vae import VAETrainConfig, train_vae
+
+TINY_RUN = dict(steps=2, batch_size=2, n_generated=3, grid_zyx=TINY_SHAPE, ckpt_every=1, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from engine.models.ctclip import CTCLIP
+
+    root = tmp_path_factory.mktemp("train_gen")
+    torch.manual_seed(0)
+    CTCLIP.build(tiny_ctclip_config()).save_pretrained(root / "ctclip")
+    ctclip = CTClipPipeline.from_pretrained(root / "ctclip")
+    vae_cfg = replace(VAETrainConfig.demo(), model=tiny_vae_config(), crop_zyx=(8, 16, 16), **TINY_RUN)
+    vae_summary = train_vae(vae_cfg, root / "vae", cache_root=root / "cache", progress=False)
+    ldm_cfg = replace(LDMTrainConfig.demo(), model=tiny_unet_config(), **TINY_RUN)
+    ldm_summary = train_ldm(ldm_cfg, root / "ldm", root / "vae" / "model", ctclip=ctclip, cache_root=root / "cache",
+                            progress=False)
+    return root, ctclip, vae_cfg, vae_summary, ldm_summary
+
+
+def test_vae_run_writes_a_loadable_autoencoder_and_resumes(trained):
+    root, _, vae_cfg, summary, _ = trained
+    assert summary["steps"] == 2
+    vae = CTAutoencoder.from_pretrained(root / "vae" / "model")
+    assert vae.encode(torch.rand(1, 1, *TINY_SHAPE)).shape == (1, 4, 4, 8, 8)
+    again = train_vae(replace(vae_cfg, steps=3), root / "vae", cache_root=root / "cache", resume=True, progress=False)
+    assert again["steps"] == 3
+
+
+def test_ldm_latents_are_computed_once_and_set_the_scale_factor(trained):
+    root, _, _, _, summary = trained
+    files = list((root / "cache").glob("latents-*.pt"))
+    assert len(files) == 1
+    stored = torch.load(files[0], weights_only=True)
+    assert stored["latents"].shape == (3, 4, 4, 8, 8) and stored["text"].shape == (3, 32)
+    assert summary["scale_factor"] == pytest.approx(1.0 / float(stored["latents"].std()), rel=1e-6)
+    unet = DiffusionUNet.from_pretrained(root / "ldm" / "model")
+    assert unet.config.scale_factor == pytest.approx(summary["scale_factor"], rel=1e-6)
+    assert unet.config.context_dim == 32
+
+
+def test_context_dropout_one_makes_the_loss_blind_to_the_text():
+    step = LDMStep(DiffusionUNet(tiny_unet_config()), context_dropout=1.0)
+    latent = torch.randn(2, 4, 4, 8, 8)
+    losses = []
+    for text in (torch.randn(2, 32), torch.randn(2, 32)):
+        torch.manual_seed(5)
+        losses.append(step(latent, text)[0])
+    assert torch.equal(losses[0], losses[1])
+    torch.manual_seed(5)
+    assert not torch.equal(LDMStep(step.unet, 0.0)(latent, torch.randn(2, 32))[0], losses[0])
+
+
+def test_polynomial_schedule_is_text2cts():
+    cfg = LoopConfig(steps=100, lr=1e-4, schedule="polynomial")
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(1e-4 * 0.25)
+
+
+def test_exported_generator_generates(trained, tmp_path):
+    root, ctclip, _, _, _ = trained
+    export_generator(root / "vae" / "model", root / "ldm" / "model", tmp_path / "generator")
+    pipeline = GeneratePipeline.from_pretrained(tmp_path / "generator", ctclip=ctclip)
+    volume = pipeline.generate("Findings: Right pleural effusion. Impression: Effusion.", steps=2, seed=0).volume
+    assert volume.array.shape == TINY_SHAPE
+
+
+def test_fid_3d_is_zero_for_identical_sets_and_grows_with_a_shift():
+    from training.eval_generate import fid_3d
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 4))
+    assert fid_3d(real, real) == pytest.approx(0.0, abs=1e-6)
+    # equal covariances: FID = |mean difference|^2 = 4 * 0.5^2 (hand-worked), up to sampling of the same set
+    assert fid_3d(real + 0.5, real) == pytest.approx(1.0, abs=1e-6)
