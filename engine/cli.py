@@ -153,6 +153,38 @@ def cmd_index(args) -> dict:
             "model_id": pipeline.model_id}
 
 
+# ---------------------------------------------------------------- chest radiographs (X2CT-CLIP): drr, findings
+
+def cmd_drr(args) -> dict:
+    from engine.drr import simulate_radiograph, write_png
+    from engine.volume import read_ct
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError("--out must be a .png file.")
+    if not out.parent.is_dir():
+        raise UserError(f"The folder of --out ({out.parent}) does not exist.")
+    started = time.perf_counter()
+    volume = read_ct(args.ct)
+    radiograph = simulate_radiograph(volume, view=args.view)
+    write_png(radiograph, out)
+    return {"path": str(out.resolve()), "view": args.view, "shape": list(radiograph.image.shape),
+            "pixel_mm": list(radiograph.pixel_spacing_mm), "warnings": volume.warnings,
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+X2CT_VERBS = {"drr": cmd_drr}
+
+
+def add_x2ct_parsers(verb, model_options) -> None:
+    p = verb("drr", "simulate a chest radiograph (DRR) from a CT and write it as a PNG")
+    p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip")
+    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--view", choices=("pa", "ap"), default="pa", help="projection (default pa)")
+
+# ------------------------------------------------------------------------------------ end of the chest radiographs
+
+
 VERBS = {
     "info": cmd_info,
     "inspect": cmd_inspect,
@@ -160,6 +192,7 @@ VERBS = {
     "retrieve": cmd_retrieve,
     "zeroshot": cmd_zeroshot,
     "index": cmd_index,
+    **X2CT_VERBS,
 }
 
 
@@ -202,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", required=True, nargs="+", help="CT files, DICOM folders or zips")
     p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
     model_options(p)
+    add_x2ct_parsers(verb, model_options)
     return parser
 
 
