@@ -173,7 +173,27 @@ def cmd_drr(args) -> dict:
             "elapsed_s": round(time.perf_counter() - started, 4)}
 
 
-X2CT_VERBS = {"drr": cmd_drr}
+def cmd_findings(args) -> dict:
+    from engine.radiograph import read_radiograph
+    from engine.study_library import user_library_folder
+
+    radiograph = read_radiograph(args.cxr)   # before loading any model: a bad file answers at once
+    if args.k < 1 or args.k > 1000:
+        raise UserError("--k must be between 1 and 1000.")
+    user_library_folder(args.library)
+    started = time.perf_counter()
+    from engine.pipelines.cxr import CXRPipeline
+
+    ctclip = _pipeline(args)
+    pipeline = CXRPipeline.from_pretrained(args.cxr_weights, ctclip=ctclip)
+    latent = pipeline.embed_radiograph(radiograph)
+    similar = _library(args, ctclip).search(latent, k=args.k)
+    return {"findings": ctclip.zero_shot_from_latent(latent), "similar": [r.to_json() for r in similar],
+            "model_id": ctclip.model_id, "warnings": radiograph.warnings,
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+X2CT_VERBS = {"drr": cmd_drr, "findings": cmd_findings}
 
 
 def add_x2ct_parsers(verb, model_options) -> None:
@@ -181,6 +201,12 @@ def add_x2ct_parsers(verb, model_options) -> None:
     p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip")
     p.add_argument("--out", required=True, help="output .png")
     p.add_argument("--view", choices=("pa", "ap"), default="pa", help="projection (default pa)")
+    p = verb("findings", "the 18 CT-level findings and the most similar CT studies from a chest radiograph")
+    p.add_argument("--cxr", required=True, help="chest radiograph: PNG, JPEG or DICOM")
+    p.add_argument("--k", type=int, default=10, help="how many similar studies to return (default 10)")
+    p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    p.add_argument("--cxr-weights", default=None, help="chest X-ray encoder folder (default assets/x2ct)")
+    model_options(p)
 
 # ------------------------------------------------------------------------------------ end of the chest radiographs
 
