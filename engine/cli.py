@@ -181,11 +181,12 @@ def cmd_findings(args) -> dict:
     if args.k < 1 or args.k > 1000:
         raise UserError("--k must be between 1 and 1000.")
     user_library_folder(args.library)
-    started = time.perf_counter()
-    from engine.pipelines.cxr import CXRPipeline
+    from engine.pipelines.cxr import CXRPipeline, cxr_model_dir
 
+    weights = cxr_model_dir(args.cxr_weights)    # a missing model: one sentence before the CT CLIP loads
+    started = time.perf_counter()
     ctclip = _pipeline(args)
-    pipeline = CXRPipeline.from_pretrained(args.cxr_weights, ctclip=ctclip)
+    pipeline = CXRPipeline.from_pretrained(weights, ctclip=ctclip)
     latent = pipeline.embed_radiograph(radiograph)
     similar = _library(args, ctclip).search(latent, k=args.k)
     return {"findings": ctclip.zero_shot_from_latent(latent), "similar": [r.to_json() for r in similar],

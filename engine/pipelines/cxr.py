@@ -44,11 +44,8 @@ class CXRPipeline:
         """Load the encoder folder (default settings.x2ct_dir()) over a CT CLIP pipeline (default the shipped one)."""
         from engine.models.cxr_encoder import CXREncoder
         from engine.pipelines.ctclip import CTClipPipeline
-        from engine.settings import x2ct_dir
 
-        directory = Path(directory) if directory else x2ct_dir()
-        if not (directory / "config.json").is_file():
-            raise UserError(f"No chest X-ray model in '{directory}': {TRAIN_HINT}.")
+        directory = cxr_model_dir(directory)
         encoder = CXREncoder.from_pretrained(directory)
         return cls(encoder, ctclip or CTClipPipeline.from_pretrained(), directory)
 
@@ -83,6 +80,17 @@ class CXRPipeline:
             shares = self.encoder.location_scores(self.prepare(radiograph), prompts[0] - prompts[1])[0]
         score = float(shares.sum())
         return _on_radiograph(shares.numpy(), radiograph.image.shape, self.encoder.config.image_size), score
+
+
+def cxr_model_dir(directory: str | Path | None = None) -> Path:
+    """The encoder folder (default settings.x2ct_dir()); one sentence saying how to train it when it is missing
+    (checked before anything loads)."""
+    from engine.settings import x2ct_dir
+
+    directory = Path(directory) if directory else x2ct_dir()
+    if not (directory / "config.json").is_file():
+        raise UserError(f"No chest X-ray model in '{directory}': {TRAIN_HINT}.")
+    return directory
 
 
 def _on_radiograph(shares: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
