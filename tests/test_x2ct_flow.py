@@ -33,7 +33,8 @@ def test_training_writes_a_model_and_caches_drrs_and_latents(run):
     assert summary["steps"] == 2 and (out / "run" / "model" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
     assert {"loss_cxr_report", "loss_cxr_ct", "loss_ct_report"} <= set(log[-1])
-    assert abs(log[-1]["loss"] - log[-1]["loss_cxr_report"] - log[-1]["loss_cxr_ct"]) < 1e-4   # alpha 0, beta = gamma = 1
+    last = log[-1]                                               # alpha 0, beta = gamma = 1
+    assert abs(last["loss"] - last["loss_cxr_report"] - last["loss_cxr_ct"]) < 1e-4
     drrs = np.load(out / "cache" / "train" / "drrs.npy")
     assert drrs.shape == (4, 2, 128, 128) and drrs.dtype == np.float16
     records = json.loads((out / "cache" / "train" / "studies.json").read_text())

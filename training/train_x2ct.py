@@ -148,8 +148,8 @@ def train(cfg: X2CTTrainConfig, out_dir: Path, cache_root: Path | None = None, r
     loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="x2ct")
     pipeline = load_ctclip(cfg)
     encoder = CXREncoder(encoder_config(cfg, pipeline.model.config.latent_dim))
-    loop.write_run_config({**asdict(cfg), "ctclip_model_id": pipeline.model_id, "cache": str(cache_dir(cfg, cache_root)),
-                           "encoder": encoder.config.to_dict()})
+    loop.write_run_config({**asdict(cfg), "ctclip_model_id": pipeline.model_id,
+                           "cache": str(cache_dir(cfg, cache_root)), "encoder": encoder.config.to_dict()})
     dataset = X2CTDataset(prepare_split(cfg, "train", pipeline, encoder.config.image_size, cache_root),
                           augment=True, seed=cfg.seed)
     if cfg.n_test:

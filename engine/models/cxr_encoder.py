@@ -34,8 +34,8 @@ class CXREncoderConfig(ModelConfig):
     """The CXR encoder. paper: ResNet-50 (bottleneck blocks 3-4-6-3, widths 64..512 x 4), input 224, latent 512 (the
     CT-CLIP v2 latent). demo: a small ResNet (basic blocks 1-1-1-1, widths 16..128) on 128-pixel input (the demo DRRs
     are ~110 x 128 pixels of 2.7 mm), its latent the demo CT CLIP's latent_dim (256; the trainer reads it from the CT
-    CLIP checkpoint's config) and a stem of stride 1, so its CAM has 8 x 8 locations. backbone "swin": Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7,
-    patch 4) in the paper; the paper reports both backbones."""
+    CLIP checkpoint's config) and a stem of stride 1, so its CAM has 8 x 8 locations. backbone "swin": Swin-T
+    (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, patch 4) in the paper; the paper reports both backbones."""
     preset: str = "paper"
     backbone: str = "resnet"
     image_size: int = 224
