@@ -199,6 +199,65 @@ def add_generate_parser(verb) -> None:
 # ---- end of generate ----------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------- chest radiographs (X2CT-CLIP): drr, findings
+
+def cmd_drr(args) -> dict:
+    from engine.drr import simulate_radiograph, write_png
+    from engine.volume import read_ct
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError("--out must be a .png file.")
+    if not out.parent.is_dir():
+        raise UserError(f"The folder of --out ({out.parent}) does not exist.")
+    started = time.perf_counter()
+    volume = read_ct(args.ct)
+    radiograph = simulate_radiograph(volume, view=args.view)
+    write_png(radiograph, out)
+    return {"path": str(out.resolve()), "view": args.view, "shape": list(radiograph.image.shape),
+            "pixel_mm": list(radiograph.pixel_spacing_mm), "warnings": volume.warnings,
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+def cmd_findings(args) -> dict:
+    from engine.radiograph import read_radiograph
+    from engine.study_library import user_library_folder
+
+    radiograph = read_radiograph(args.cxr)   # before loading any model: a bad file answers at once
+    if args.k < 1 or args.k > 1000:
+        raise UserError("--k must be between 1 and 1000.")
+    user_library_folder(args.library)
+    from engine.pipelines.cxr import CXRPipeline, cxr_model_dir
+
+    weights = cxr_model_dir(args.cxr_weights)    # a missing model: one sentence before the CT CLIP loads
+    started = time.perf_counter()
+    ctclip = _pipeline(args)
+    pipeline = CXRPipeline.from_pretrained(weights, ctclip=ctclip)
+    latent = pipeline.embed_radiograph(radiograph)
+    similar = _library(args, ctclip).search(latent, k=args.k)
+    return {"findings": ctclip.zero_shot_from_latent(latent), "similar": [r.to_json() for r in similar],
+            "model_id": ctclip.model_id, "warnings": radiograph.warnings,
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+X2CT_VERBS = {"drr": cmd_drr, "findings": cmd_findings}
+
+
+def add_x2ct_parsers(verb, model_options) -> None:
+    p = verb("drr", "simulate a chest radiograph (DRR) from a CT and write it as a PNG")
+    p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip")
+    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--view", choices=("pa", "ap"), default="pa", help="projection (default pa)")
+    p = verb("findings", "the 18 CT-level findings and the most similar CT studies from a chest radiograph")
+    p.add_argument("--cxr", required=True, help="chest radiograph: PNG, JPEG or DICOM")
+    p.add_argument("--k", type=int, default=10, help="how many similar studies to return (default 10)")
+    p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    p.add_argument("--cxr-weights", default=None, help="chest X-ray encoder folder (default assets/x2ct)")
+    model_options(p)
+
+# ------------------------------------------------------------------------------------ end of the chest radiographs
+
+
 VERBS = {
     "info": cmd_info,
     "inspect": cmd_inspect,
@@ -207,6 +266,7 @@ VERBS = {
     "zeroshot": cmd_zeroshot,
     "index": cmd_index,
     "generate": cmd_generate,
+    **X2CT_VERBS,
 }
 
 
@@ -250,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
     model_options(p)
     add_generate_parser(verb)
+    add_x2ct_parsers(verb, model_options)
     return parser
 
 

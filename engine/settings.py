@@ -4,6 +4,7 @@ a caller that sets an environment variable after importing the engine is still h
     CT_CTCLIP_DIR            the CT CLIP checkpoint folder (default assets/ctclip)
     CT_LIBRARY_EMBEDDINGS    the demo library's latents made with it (default assets/library/ctclip_embeddings...)
     CT_WORKSTATION_LIBRARY   the user's own indexed CTs (default ~/.local/share/ct-workstation)
+    CT_X2CT_DIR              the chest-radiograph (X2CT-CLIP) encoder folder (default assets/x2ct)
     CT_SHARED_DATA           the real data used by training and tests (default ../shared/data beside the checkout)
     CT_GENERATOR_DIR         the demo generator (vae/ and unet/ checkpoint folders; default assets/generator)
 """
@@ -23,6 +24,12 @@ def _path(variable: str, default: Path) -> Path:
 def ctclip_dir() -> Path:
     """The shipped demo CT CLIP checkpoint ($CT_CTCLIP_DIR points elsewhere, e.g. at a checkpoint being trained)."""
     return _path("CT_CTCLIP_DIR", ASSETS / "ctclip")
+
+
+def x2ct_dir() -> Path:
+    """The chest-radiograph encoder checkpoint ($CT_X2CT_DIR; default assets/x2ct, written from a run's model/ by
+    `python -m training x2ct`)."""
+    return _path("CT_X2CT_DIR", ASSETS / "x2ct")
 
 
 def library_embeddings() -> Path:

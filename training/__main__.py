@@ -7,6 +7,9 @@
     python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm-export [--vae DIR] [--unet DIR] [--out assets/generator]
+    python -m training x2ct --preset demo|paper [--backbone resnet|swin] [--beta B --gamma G] [--n-train N]
+                            [--n-test N] [--steps N] [--time-budget-min M] [--out DIR] [--cache DIR] [--resume]
+    python -m training x2ct-eval --checkpoint runs/x2ct-demo/model [--cache DIR]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -117,6 +120,64 @@ def _add_generator_stages(sub) -> None:
     x.set_defaults(func=_ldm_export)
 
 
+def _x2ct(args) -> int:
+    from training.train_x2ct import X2CTTrainConfig, train
+    cfg = X2CTTrainConfig.demo() if args.preset == "demo" else X2CTTrainConfig.paper()
+    names = ("backbone", "steps", "batch_size", "lr", "seed", "alpha", "beta", "gamma", "n_train", "n_test",
+             "ctclip", "data_root", "reports_csv", "metadata_csv", "labels_csv")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.time_budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    cfg = replace(cfg, **overrides)
+    if cfg.preset == "paper" and not (cfg.ctclip and cfg.data_root and cfg.reports_csv and cfg.metadata_csv
+                                      and cfg.labels_csv):
+        print("error: the paper preset needs --ctclip, --data-root, --reports-csv, --metadata-csv and --labels-csv.",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out or settings.training_runs_dir() / f"x2ct-{cfg.preset}")
+    summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def _x2ct_eval(args) -> int:
+    from training.eval_x2ct import evaluate
+    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out)
+    print(json.dumps({k: metrics[k] for k in ("zero_shot_macro_auroc", "ctclip_zero_shot_macro_auroc",
+                                              "cxr_to_volume", "cxr_to_report") if k in metrics}))
+    return 0
+
+
+def _add_x2ct_parsers(sub) -> None:
+    p = sub.add_parser("x2ct", help="train the X2CT-CLIP chest-radiograph encoder against the frozen CT CLIP")
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    p.add_argument("--backbone", choices=("resnet", "swin"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--alpha", type=float, help="weight of L(CT, report) (default 0; frozen, no gradient)")
+    p.add_argument("--beta", type=float, help="weight of L(CXR, report) (default 1; 0 for the ablation)")
+    p.add_argument("--gamma", type=float, help="weight of L(CXR, CT) (default 1; 0 for the ablation)")
+    p.add_argument("--n-train", type=int, help="training studies (demo: phantoms; default 400)")
+    p.add_argument("--n-test", type=int, help="held-out test studies (demo: the CT CLIP's test seeds; default 300)")
+    p.add_argument("--time-budget-min", type=float, help="stop after this many minutes of training")
+    p.add_argument("--ctclip", help="CT CLIP checkpoint folder (default assets/ctclip; paper: the CT-CLIP_v2 folder)")
+    p.add_argument("--out", help="run directory (default runs/x2ct-PRESET)")
+    p.add_argument("--cache", help="DRR + latent cache directory (default cache/x2ct-PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--data-root", help="CT-RATE dataset root (paper)")
+    p.add_argument("--reports-csv")
+    p.add_argument("--metadata-csv")
+    p.add_argument("--labels-csv")
+    p.set_defaults(func=_x2ct)
+    e = sub.add_parser("x2ct-eval", help="evaluate a CXR encoder on the held-out DRR split; writes metrics.json")
+    e.add_argument("--checkpoint", default=str(settings.training_runs_dir() / "x2ct-demo" / "model"))
+    e.add_argument("--cache", help="DRR + latent cache directory (default: the run's)")
+    e.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
+    e.set_defaults(func=_x2ct_eval)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -152,6 +213,7 @@ def main(argv=None) -> int:
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
     x.set_defaults(func=_ctclip_export)
     _add_generator_stages(sub)
+    _add_x2ct_parsers(sub)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:

@@ -117,7 +117,6 @@ def feature_groups() -> dict[str, list[str]]:
     shares = [n for n in names if n.startswith(("share_", "logshare_"))]
     stats = [n for n in names if n.startswith("hu_")]
     shape = [n for n in names if n.split("_s")[0] in ("blob", "tube", "plate", "dark_blob", "log", "edge")]
-    texture = [n for n in names if n.startswith("texture_")]
     return {
         "HU window shares": shares,
         "shares + HU statistics": shares + stats,

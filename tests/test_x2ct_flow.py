@@ -1,0 +1,101 @@
+"""X2CT-CLIP end to end on tiny data: the DRR + latent cache, two training steps through training/loop.py, the
+evaluation's metrics.json, and `engine findings` on the real radiographs (a checkpoint folder from the run)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.drr import simulate_radiograph
+from engine.models.cxr_encoder import prepare_radiograph
+from engine.phantom import make_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CXR_DIR = ROOT.parent / "shared" / "data" / "cxr"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from training.train_x2ct import X2CTTrainConfig, train
+
+    out = tmp_path_factory.mktemp("x2ct")
+    cfg = X2CTTrainConfig(steps=2, batch_size=2, n_train=4, n_test=3, n_views=2, cache_workers=1, warmup_steps=0,
+                          log_every=1)
+    summary = train(cfg, out / "run", cache_root=out / "cache", progress=False)
+    return out, summary
+
+
+def test_training_writes_a_model_and_caches_drrs_and_latents(run):
+    out, summary = run
+    assert summary["steps"] == 2 and (out / "run" / "model" / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (out / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss_cxr_report", "loss_cxr_ct", "loss_ct_report"} <= set(log[-1])
+    last = log[-1]                                               # alpha 0, beta = gamma = 1
+    assert abs(last["loss"] - last["loss_cxr_report"] - last["loss_cxr_ct"]) < 1e-4
+    drrs = np.load(out / "cache" / "train" / "drrs.npy")
+    assert drrs.shape == (4, 2, 128, 128) and drrs.dtype == np.float16
+    records = json.loads((out / "cache" / "train" / "studies.json").read_text())
+    first = make_study(records[0]["seed"])                       # view 0 is the clean DRR through the one input path
+    clean = prepare_radiograph(simulate_radiograph(first.volume, view="ap"), 128)[0].numpy()
+    assert np.abs(drrs[0, 0].astype(np.float32) - clean).max() < 0.02
+    assert not np.array_equal(drrs[0, 0], drrs[0, 1])            # view 1 is augmented
+    latents = np.load(next((out / "cache" / "train").glob("latents-*.npz")))
+    assert latents["ct"].shape == latents["report"].shape == (4, 256)
+    assert np.allclose(np.linalg.norm(latents["ct"], axis=1), 1.0, atol=1e-4)
+
+
+def test_evaluation_writes_metrics_json(run):
+    from training.eval_x2ct import evaluate
+
+    out, _ = run
+    metrics = evaluate(out / "run" / "model", cache_root=out / "cache")
+    written = json.loads((out / "run" / "model" / "metrics.json").read_text())
+    assert written["n"] == 3 and written["loss_weights"] == {"alpha": 0.0, "beta": 1.0, "gamma": 1.0, "tau": 0.07}
+    assert set(written["few_shot_linear_probe"]) == {"20%", "50%"}
+    assert 0.0 <= metrics["cxr_to_volume"]["R@3"] <= 1.0 and written["cxr_to_volume"]["R@3"] == 1.0   # K = gallery
+    assert set(written["zero_shot"]["per_label"]) == set(written["ctclip_zero_shot"]["per_label"])
+
+
+def test_findings_on_real_radiographs_and_a_drr(run, tmp_path):
+    from engine.pipelines.ctclip import CTClipPipeline
+    from engine.pipelines.cxr import CXRPipeline
+    from engine.radiograph import read_radiograph
+
+    out, _ = run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CT_WORKSTATION_LIBRARY": str(tmp_path / "lib")}
+    done = subprocess.run([sys.executable, "-m", "engine", "findings", "--cxr", str(CXR_DIR / "00000001_000.png"),
+                           "--k", "3", "--cxr-weights", str(out / "run" / "model"), "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout)
+    assert len(answer["findings"]) == 18 and all(0.0 <= p <= 1.0 for p in answer["findings"].values())
+    assert len(answer["similar"]) == 3 and answer["similar"][0]["score"] >= answer["similar"][-1]["score"]
+    pipeline = CXRPipeline.from_pretrained(out / "run" / "model", ctclip=CTClipPipeline.from_pretrained())
+    films = [read_radiograph(CXR_DIR / "siim_pa_chest.dcm"), simulate_radiograph(make_study(7).volume)]
+    for film in films:
+        findings = pipeline.findings(film)
+        assert list(findings) == list(answer["findings"]) and all(0.0 <= p <= 1.0 for p in findings.values())
+
+
+def test_findings_without_a_model_says_how_to_train_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CT_X2CT_DIR": str(tmp_path / "none")}
+    done = subprocess.run([sys.executable, "-m", "engine", "findings", "--cxr", str(CXR_DIR / "00000001_000.png"),
+                           "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "python -m training x2ct" in json.loads(done.stdout)["error"]
+
+
+def test_location_map_lies_on_the_radiograph(run):
+    from engine.pipelines.ctclip import CTClipPipeline
+    from engine.pipelines.cxr import CXRPipeline
+    from engine.radiograph import read_radiograph
+
+    out, _ = run
+    pipeline = CXRPipeline.from_pretrained(out / "run" / "model", ctclip=CTClipPipeline.from_pretrained())
+    film = read_radiograph(CXR_DIR / "00000001_000.png")
+    heat, score = pipeline.location_map(film, "Cardiomegaly")
+    assert heat.shape == film.image.shape and 0.0 <= heat.min() and heat.max() <= 1.0 + 1e-6
+    assert np.isfinite(score)

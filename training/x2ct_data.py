@@ -1,0 +1,176 @@
+"""X2CT-CLIP's training data: per study, a few DRRs (engine/drr.py) and the FROZEN CT CLIP's CT and report latents,
+computed once and cached, so a training step only runs the CXR encoder.
+
+A split's cache directory (cache/x2ct-PRESET/SPLIT/):
+    meta.json                       the plan (source, seeds or CT-RATE names, views, image size, DRR view)
+    studies.json                    one record per study: {"key", "labels": [18 x 0/1], "report"}
+    drrs.npy                        float16 (N, V, S, S): the encoder's input (engine.models.cxr_encoder.
+                                    prepare_radiograph); view 0 is the clean DRR, views 1.. are augmented
+    latents-<ctclip model id>.npz   "ct" (N, D) and "report" (N, D) unit latents of THAT CT CLIP: a retrained CT CLIP
+                                    (another model id) recomputes the latents and reuses the DRRs
+Sources
+- demo: phantoms (engine.phantom.make_study) with their CT-RATE-style reports. Seeds: training X2CT_TRAIN_SEED_BASE
+  + i (600,000 up: a range no other trainer uses and the CT CLIP never saw); test: the CT CLIP's own held-out test
+  seeds (training.ctclip_data.TEST_SEED_BASE + i), so the CXR encoder and the CT encoder are scored on the same
+  unseen studies.
+- paper: every CT-RATE volume of training.ctrate.CTRATEDataset (its Findings text and label table); DRRs in the
+  paper's anteroposterior view.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.drr import DRRAugmentation, simulate_radiograph
+from engine.labels import LABELS
+from engine.models.cxr_encoder import prepare_radiograph
+
+X2CT_TRAIN_SEED_BASE = 600_000
+
+
+@dataclass
+class DRRPlan:
+    """What a split's cache holds. n_views: DRRs per study (the first clean, the others augmented);
+    image_size: the encoder's input side (pixels); view: "pa" | "ap"."""
+    source: str = "phantom"          # "phantom" | "ctrate"
+    split: str = "train"
+    n_studies: int = 400
+    n_views: int = 4
+    image_size: int = 128
+    view: str = "ap"
+    seed_base: int = X2CT_TRAIN_SEED_BASE
+
+
+def phantom_seed_base(split: str) -> int:
+    from training.ctclip_data import TEST_SEED_BASE
+
+    return X2CT_TRAIN_SEED_BASE if split == "train" else TEST_SEED_BASE
+
+
+def drr_views(volume, plan: DRRPlan, key_seed: int) -> np.ndarray:
+    """(V, S, S) float16 encoder inputs of one CT: the clean DRR, then V - 1 seeded augmentations."""
+    views = []
+    for v in range(plan.n_views):
+        augmentation = None if v == 0 else DRRAugmentation.sample(np.random.default_rng([key_seed, v]))
+        radiograph = simulate_radiograph(volume, view=plan.view, augmentation=augmentation, seed=key_seed * 31 + v)
+        views.append(prepare_radiograph(radiograph, plan.image_size)[0].numpy())
+    return np.stack(views).astype(np.float16)
+
+
+def _phantom_study(job: tuple[dict, int]):
+    """Worker: render phantom `seed` and its DRRs -> (record, views, volume)."""
+    from engine.phantom import make_study
+
+    plan_dict, seed = job
+    plan = DRRPlan(**plan_dict)
+    study = make_study(seed)
+    labels = [int(name in study.labels) for name in LABELS]
+    record = {"key": f"phantom-{seed}", "seed": seed, "labels": labels, "report": study.report.text}
+    return record, drr_views(study.volume, plan, seed), study.volume
+
+
+def _ctrate_items(dataset, plan: DRRPlan):
+    from training.ctrate import load_volume, volume_path
+
+    for i, name in enumerate(dataset.names[: plan.n_studies]):
+        volume = load_volume(volume_path(dataset.root, name), dataset.metadata.loc[name])
+        record = {"key": name, "labels": [int(v) for v in dataset.label_vector(i)], "report": dataset.text(i)}
+        yield record, drr_views(volume, plan, i), volume
+
+
+def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=None) -> Path:
+    """Write (or complete) the cache of one split; returns its directory. pipeline: the frozen CTClipPipeline whose
+    latents are cached (in eval mode; no gradients). ctrate: a CTRATEDataset for the paper source."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {"plan": asdict(plan)}
+    have = (root / "meta.json").is_file() and json.loads((root / "meta.json").read_text()) == meta
+    if not (have and (root / "drrs.npy").is_file()):
+        _build_drrs(root, plan, pipeline, workers, ctrate)
+        (root / "meta.json").write_text(json.dumps(meta, indent=1))
+    latents = root / f"latents-{pipeline.model_id}.npz"
+    if not latents.is_file():
+        _build_latents(root, plan, pipeline, ctrate)
+    return root
+
+
+def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate) -> None:
+    """Render every study (phantom workers or CT-RATE reads), keep its DRRs and, while the volume is at hand, its
+    CT latent (written with the report latents by _build_latents)."""
+    records, views, ct_latents = [], [], []
+    if plan.source == "phantom":
+        jobs = [(asdict(plan), plan.seed_base + i) for i in range(plan.n_studies)]
+        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        items = pool.imap(_phantom_study, jobs) if pool else map(_phantom_study, jobs)
+    else:
+        pool, items = None, _ctrate_items(ctrate, plan)
+    try:
+        for record, drrs, volume in tqdm(items, total=plan.n_studies, desc=f"DRRs ({plan.split})", unit="study"):
+            records.append(record)
+            views.append(drrs)
+            ct_latents.append(pipeline.embed_volume(volume))
+    finally:
+        if pool:
+            pool.close()
+    np.save(root / "drrs.npy", np.stack(views))
+    (root / "studies.json").write_text(json.dumps(records))
+    np.save(root / f"ct-latents-{pipeline.model_id}.npy", np.stack(ct_latents).astype(np.float32))
+
+
+def _build_latents(root: Path, plan: DRRPlan, pipeline, ctrate) -> None:
+    records = json.loads((root / "studies.json").read_text())
+    ct_path = root / f"ct-latents-{pipeline.model_id}.npy"
+    if ct_path.is_file():
+        ct = np.load(ct_path)
+    elif plan.source == "phantom":          # another CT CLIP than the DRRs were made with: re-render the volumes
+        from engine.phantom import make_study
+
+        ct = np.stack([pipeline.embed_volume(make_study(r["seed"], with_report=False).volume)
+                       for r in tqdm(records, desc="CT latents", unit="study")])
+    else:
+        ct = np.stack([pipeline.embed_volume(volume) for _, _, volume in _ctrate_items(ctrate, plan)])
+    report = pipeline.embed_texts([r["report"] for r in records])
+    np.savez(root / f"latents-{pipeline.model_id}.npz", ct=ct.astype(np.float32), report=report.astype(np.float32))
+
+
+class X2CTCache:
+    """Read side of a split: DRRs (memory-mapped), latents of one CT CLIP, labels, reports."""
+
+    def __init__(self, root: Path, model_id: str):
+        self.root = Path(root)
+        self.records = json.loads((self.root / "studies.json").read_text())
+        self.drrs = np.load(self.root / "drrs.npy", mmap_mode="r")
+        latents = np.load(self.root / f"latents-{model_id}.npz")
+        self.ct_latents = torch.from_numpy(latents["ct"])
+        self.report_latents = torch.from_numpy(latents["report"])
+        self.labels = np.array([r["labels"] for r in self.records], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.records)
+
+    def image(self, i: int, view: int = 0) -> torch.Tensor:
+        """(1, S, S) float32 encoder input of study i's DRR number `view`."""
+        return torch.from_numpy(np.asarray(self.drrs[i, view], dtype=np.float32))[None]
+
+
+class X2CTDataset(torch.utils.data.Dataset):
+    """(DRR (1, S, S), CT latent (D,), report latent (D,)); the DRR is one of the study's cached views, drawn from
+    rng([seed, epoch, i]) when `augment`, else the clean view 0."""
+
+    def __init__(self, cache: X2CTCache, augment: bool = True, seed: int = 0):
+        self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i: int):
+        view = 0
+        if self.augment:
+            view = int(np.random.default_rng([self.seed, self.epoch, i]).integers(self.cache.drrs.shape[1]))
+        return self.cache.image(i, view), self.cache.ct_latents[i], self.cache.report_latents[i]
