@@ -4,6 +4,7 @@
                               [--init-from CHECKPOINT_DIR] [--seed S] [--density-log-share]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
+    python -m training speech --preset demo|paper [--distill-weight L | --no-distill] [--steps N] [--resume] ...
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -57,6 +58,27 @@ def _ctclip_export(args) -> int:
     return 0
 
 
+def _speech(args) -> int:
+    from training.train_speech import SpeechTrainConfig, train
+    cfg = SpeechTrainConfig.demo() if args.preset == "demo" else SpeechTrainConfig.paper()
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                   "seed": args.seed, "distill_weight": args.distill_weight,
+                                   "n_studies": args.studies, "n_test_studies": args.test_studies,
+                                   "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
+                                   "reports_csv": args.reports_csv}.items() if v is not None}
+    if args.no_distill:
+        overrides["distill_weight"] = 0.0
+    if args.time_budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    if args.synthesis_budget_min is not None:
+        overrides["synthesis_budget_cpu_s"] = 60.0 * args.synthesis_budget_min
+    cfg = replace(cfg, **overrides)
+    out = Path(args.out or settings.training_runs_dir() / f"speech-{cfg.preset}")
+    summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "synthesis"} | {"synthesis": summary.get("synthesis")}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -91,6 +113,25 @@ def main(argv=None) -> int:
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
     x.set_defaults(func=_ctclip_export)
+    s = sub.add_parser("speech", help="train the speech encoder (SpeechCT-CLIP) against the frozen CT CLIP")
+    s.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--distill-weight", type=float, help="lambda of (1 - cos(audio, text teacher)); default 1.0")
+    s.add_argument("--no-distill", action="store_true", help="the ablation: contrastive audio <-> CT only")
+    s.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
+    s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
+    s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")
+    s.add_argument("--test-studies", type=int, help="demo: held-out phantom studies (default 100)")
+    s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
+    s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    s.add_argument("--audio-dir", help="paper: audio files named by CT-RATE VolumeName")
+    s.add_argument("--ct-latents", help="paper: frozen CT-CLIP latents (safetensors keyed by VolumeName)")
+    s.add_argument("--reports-csv", help="paper: CT-RATE reports (VolumeName, Findings_EN) for the text teacher")
+    s.set_defaults(func=_speech)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:
