@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from app.dictate_tab import dictate_tab
 from app.find_tab import find_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
-from app.models import CTClipModels
+from app.models import CTClipModels, SpeechModels
 from app.server import ServerLimits
 
 
@@ -68,6 +69,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 find_tab(models, demo)
             with gr.Tab("Open a CT", id="open", elem_id="tab-open"):
                 open_tab(models, max_upload_mb=config.limits.max_upload_mb)
+            with gr.Tab("Dictate", id="dictate", elem_id="tab-dictate"):
+                dictate_tab(models, SpeechModels(models), demo)
         gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
                     + " · research demo, not for clinical use.", elem_classes=["footer-note"])
     return demo
