@@ -5,6 +5,7 @@
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
     python -m training speech --preset demo|paper [--distill-weight L | --no-distill] [--steps N] [--resume] ...
+    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -79,6 +80,15 @@ def _speech(args) -> int:
     return 0
 
 
+def _speech_eval(args) -> int:
+    from training.eval_speech import evaluate
+    budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
+    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test_studies=args.test_studies,
+                       synthesis_budget_cpu_s=budget)
+    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -132,6 +142,13 @@ def main(argv=None) -> int:
     s.add_argument("--ct-latents", help="paper: frozen CT-CLIP latents (safetensors keyed by VolumeName)")
     s.add_argument("--reports-csv", help="paper: CT-RATE reports (VolumeName, Findings_EN) for the text teacher")
     s.set_defaults(func=_speech)
+    v = sub.add_parser("speech-eval", help="evaluate a speech encoder on unseen voices (held-out phantom split)")
+    v.add_argument("--checkpoint", default=str(settings.ASSETS / "speech"))
+    v.add_argument("--cache", help="data cache (default cache/speech-demo)")
+    v.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
+    v.add_argument("--test-studies", type=int, default=100)
+    v.add_argument("--synthesis-budget-min", type=float, help="CPU minutes for new Kokoro test clips (default: all)")
+    v.set_defaults(func=_speech_eval)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:

@@ -74,9 +74,10 @@ def spoken_zero_shot(model, synthesizer, ct: np.ndarray, labels: np.ndarray, sca
 
 
 def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None = None, n_test_studies: int = 100,
-             robustness: bool = True) -> dict:
+             robustness: bool = True, synthesis_budget_cpu_s: float | None = None) -> dict:
     """The speech encoder in `checkpoint` on the test split (module docstring) -> metrics dict, also written to
-    OUT (default CHECKPOINT/metrics.json)."""
+    OUT (default CHECKPOINT/metrics.json). New Kokoro clips are made within `synthesis_budget_cpu_s` (queries first,
+    then reports); only the clips that exist are evaluated."""
     import torch
 
     from engine.models.ctclip import zero_shot_probabilities
@@ -90,11 +91,12 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     model = SpeechEncoder.from_pretrained(checkpoint)
     pipeline = ctclip_pipeline()
     scale = float(pipeline.model.logit_scale.detach())
-    data = demo_split(cfg, "test", cache_root, pipeline, EVAL_VOICES)
+    data = demo_split(cfg, "test", cache_root, pipeline, EVAL_VOICES, budget_cpu_s=synthesis_budget_cpu_s)
     synth, ct, labels = data["synthesizer"], data["ct"], data["labels"]
     by_kind = {kind: [(item, data["clips"][item.key]) for item, k in zip(data["items"], data["kinds"]) if k == kind]
                for kind in ("report", "query")}
-    metrics = {"voices": list(EVAL_VOICES), "n_test_studies": len(ct), "ctclip": pipeline.model_id}
+    metrics = {"voices": list(EVAL_VOICES), "n_test_studies": len(ct), "ctclip": pipeline.model_id,
+               "clips": {kind: len(pairs) for kind, pairs in by_kind.items()}}
     text_probs = zero_shot_probabilities(torch.from_numpy(ct), torch.from_numpy(pipeline.prompt_latents), scale)
     metrics["text_zero_shot_macro_auroc"] = zero_shot_metrics(text_probs.numpy(), labels)["macro"]["auroc"]
     zs = spoken_zero_shot(model, synth, ct, labels, scale, EVAL_VOICES[0])
