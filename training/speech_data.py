@@ -163,10 +163,16 @@ class SpeechSynthesizer:
 
     def _kokoro_samples(self, clip: Clip) -> np.ndarray:
         if self._kokoro is None:
+            import onnxruntime
             from kokoro_onnx import Kokoro
 
             model, voices = install_kokoro()
-            self._kokoro = Kokoro(str(model), str(voices))
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = 2
+            # idle worker threads sleep instead of spinning: on a shared CPU spinning burns the synthesis budget
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            self._kokoro = Kokoro.from_session(session, str(voices))
         language = "en-gb" if clip.voice.startswith("b") else "en-us"
         audio, rate = self._kokoro.create(clip.text, voice=clip.voice, speed=clip.speed, lang=language)
         return read_audio(np.asarray(audio, dtype=np.float32), rate=rate).samples
