@@ -66,7 +66,8 @@ def _speech(args) -> int:
                                    "seed": args.seed, "distill_weight": args.distill_weight,
                                    "n_studies": args.studies, "n_test_studies": args.test_studies,
                                    "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
-                                   "reports_csv": args.reports_csv}.items() if v is not None}
+                                   "reports_csv": args.reports_csv, "cpu_threads": args.threads}.items()
+                 if v is not None}
     if args.no_distill:
         overrides["distill_weight"] = 0.0
     if args.time_budget_min is not None:
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
     s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")
     s.add_argument("--test-studies", type=int, help="demo: held-out phantom studies (default 100)")
+    s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, oversubscribed CPU)")
     s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
     s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")

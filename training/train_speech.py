@@ -53,6 +53,7 @@ class SpeechTrainConfig:
     texts: tuple = ("query", "report")  # clips are made in this order (all queries, then reports) until the budget
     synthesis_budget_cpu_s: float = 3600.0
     lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0})
+    cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
     audio_dir: str = ""
     ct_latents: str = ""
@@ -242,6 +243,8 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
     if cfg.preset != "demo":
         return train_paper(cfg, out_dir, resume=resume, progress=progress)
     cache_root = Path(cache_root or training_cache_dir() / "speech-demo")
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="speech")
     loop.write_run_config(asdict(cfg))
     pipeline = ctclip_pipeline()
