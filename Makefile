@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 7860
-# Debian packages the tests need: speech synthesis for test audio, a browser for the UI test, audio tools.
-DEBS := espeak-ng chromium sox ffmpeg libportaudio2
+# Debian packages the tests need: speech synthesis for test audio, a browser for the UI test, audio tools, npm (the
+# Kokoro voices come from the npm package kokoro-js, see training/speech_data.py).
+DEBS := espeak-ng chromium sox ffmpeg libportaudio2 npm
 
 .PHONY: run test venv test-env debs bench clean
 
