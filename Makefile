@@ -7,6 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 # Debian packages the tests need: speech synthesis for test audio, a browser for the UI test, audio tools.
 DEBS := espeak-ng chromium sox ffmpeg libportaudio2
+# Commands checked by name (a machine may have them without the Debian package): npm fetches the Kokoro voices
+# (npm package kokoro-js, training/speech_data.py); installed from Debian only when the command is missing.
+COMMANDS := npm
 
 .PHONY: run test venv test-env debs bench clean
 
@@ -29,6 +32,7 @@ test-env: $(VENV)/.test-installed debs
 # Installs the Debian packages only when one is missing (as root, or through sudo when it exists).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for c in $(COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -115,3 +115,41 @@ class GeneratorModels:
                                    "demo`.")
                     raise UserError(self._error) from None
             return self._pipeline
+
+
+class SpeechModels:
+    """The speech pipeline (engine.pipelines.speech) over the process's CT CLIP, loaded once on first use.
+    `pipeline()` raises UserError with one sentence (e.g. how to train the speech encoder) when it cannot load."""
+
+    def __init__(self, ctclip: CTClipModels, weights: str | None = None):
+        self.ctclip = ctclip
+        self.weights = weights
+        self._lock = threading.Lock()
+        self._pipeline = None
+        self._error: str | None = None
+
+    def pipeline(self):
+        with self._lock:
+            if self._error is not None:
+                raise UserError(self._error)
+            if self._pipeline is None:
+                from engine.pipelines.speech import SpeechPipeline
+
+                try:
+                    self._pipeline = SpeechPipeline.from_pretrained(self.weights, ctclip=self.ctclip.pipeline())
+                    self._pipeline.ctclip.prompt_latents  # the 36 prompts, once
+                except UserError as err:
+                    self._error = str(err)
+                    raise
+                except Exception as err:  # a damaged checkpoint: one sentence, never a traceback in the page
+                    self._error = (f"The speech encoder could not be loaded ({type(err).__name__}); retrain it with "
+                                   "`python -m training speech --preset demo`.")
+                    raise UserError(self._error) from None
+            return self._pipeline
+
+    def unavailable(self) -> str | None:
+        try:
+            self.pipeline()
+        except UserError as err:
+            return str(err)
+        return None

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
+from app.dictate_tab import dictate_tab
 from app.find_tab import find_tab
 from app.generate_tab import generate_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
-from app.models import CTClipModels, GeneratorModels
+from app.models import CTClipModels, GeneratorModels, SpeechModels
 from app.server import ServerLimits
 
 
@@ -71,6 +72,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 open_tab(models, max_upload_mb=config.limits.max_upload_mb)
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 generate_tab(GeneratorModels(models, preset=config.preset, weights=config.weights))
+            with gr.Tab("Dictate", id="dictate", elem_id="tab-dictate"):
+                dictate_tab(models, SpeechModels(models), demo)
         gr.Markdown(f"Preset: **{config.preset}**" + (f" · weights: `{config.weights}`" if config.weights else "")
                     + " · research demo, not for clinical use.", elem_classes=["footer-note"])
     return demo

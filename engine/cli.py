@@ -114,6 +114,10 @@ def _library(args, pipeline):
 def cmd_retrieve(args) -> dict:
     from engine.query import check_query_text
 
+    if bool(args.text) == bool(args.audio):
+        raise UserError("Give exactly one of --text or --audio.")
+    if args.audio:
+        return retrieve_audio(args)
     text = check_query_text(args.text)  # before loading any model: bad queries answer at once
     from engine.study_library import user_library_folder
 
@@ -258,7 +262,65 @@ def add_x2ct_parsers(verb, model_options) -> None:
 # ------------------------------------------------------------------------------------ end of the chest radiographs
 
 
+# ------------------------------------------------------------------------- speech (issue 13): retrieve --audio, dictate
+
+def _speech_pipeline(args):
+    from engine.pipelines.speech import SpeechPipeline
+
+    return SpeechPipeline.from_pretrained(getattr(args, "speech_weights", None), ctclip=_pipeline(args))
+
+
+def _audio_answer(args, audio, started: float) -> dict:
+    """The design note's retrieve JSON for a recording (query.kind "audio", its seconds), plus the 18 label
+    probabilities read from the speech latent and any warnings about the recording."""
+    from engine.pipelines.speech import SpeechPipeline, dictation_warnings
+
+    SpeechPipeline.check(audio)                       # too short: one sentence before any model loads
+    if args.k < 1 or args.k > 1000:
+        raise UserError("--k must be between 1 and 1000.")
+    from engine.study_library import user_library_folder
+
+    user_library_folder(args.library)
+    pipeline = _speech_pipeline(args)
+    latent = pipeline.embed_audio(audio)
+    results = _library(args, pipeline.ctclip).search(latent, k=args.k)
+    return {"query": {"kind": "audio", "seconds": round(audio.seconds, 3)}, "results": [r.to_json() for r in results],
+            "findings": pipeline.findings(latent), "warnings": dictation_warnings(audio),
+            "elapsed_s": round(time.perf_counter() - started, 4)}
+
+
+def retrieve_audio(args) -> dict:
+    from engine.audio import read_audio
+
+    started = time.perf_counter()
+    return _audio_answer(args, read_audio(args.audio), started)
+
+
+def cmd_dictate(args) -> dict:
+    """Record --seconds from the local microphone (sounddevice), then answer as retrieve --audio does."""
+    from engine.audio import SAMPLE_RATE, read_audio
+
+    if not 1 <= args.seconds <= 600:
+        raise UserError("--seconds must be between 1 and 600.")
+    no_microphone = "No microphone was found (no audio input device); use 'retrieve --audio FILE'."
+    try:
+        import sounddevice
+    except OSError:  # the PortAudio library itself is missing (apt-get install libportaudio2)
+        raise UserError(no_microphone) from None
+    try:
+        sounddevice.query_devices(kind="input")
+    except (sounddevice.PortAudioError, ValueError):
+        raise UserError(no_microphone) from None
+    if not args.json:
+        print(f"recording {args.seconds:g} s ...", file=sys.stderr)
+    recording = sounddevice.rec(int(args.seconds * SAMPLE_RATE), samplerate=SAMPLE_RATE, channels=1, dtype="float32")
+    sounddevice.wait()
+    started = time.perf_counter()
+    return _audio_answer(args, read_audio(recording[:, 0], rate=SAMPLE_RATE), started)
+
+
 VERBS = {
+    "dictate": cmd_dictate,
     "info": cmd_info,
     "inspect": cmd_inspect,
     "phantom": cmd_phantom,
@@ -297,10 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--preset", choices=("demo", "paper"), default="demo", help="model preset (default demo)")
         p.add_argument("--weights", default=None, help="checkpoint folder (default: the shipped demo checkpoint)")
 
-    p = verb("retrieve", "find the library CTs that best match a report")
-    p.add_argument("--text", required=True, help="report text or a short query ('right pleural effusion')")
+    p = verb("retrieve", "find the library CTs that best match a report, typed or dictated")
+    p.add_argument("--text", help="report text or a short query ('right pleural effusion')")
+    p.add_argument("--audio", help="a dictated report: WAV, FLAC, OGG, MP3 or WebM/Opus, any rate (speech encoder)")
+    p.add_argument("--speech-weights", default=None, help="speech encoder folder (default assets/speech)")
     p.add_argument("--k", type=int, default=10, help="how many studies to return (default 10)")
     p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    model_options(p)
+    p = verb("dictate", "record a report from the local microphone and retrieve the matching CTs")
+    p.add_argument("--seconds", type=float, default=30.0, help="recording length in seconds (default 30)")
+    p.add_argument("--k", type=int, default=10, help="how many studies to return (default 10)")
+    p.add_argument("--library", default=None, help="the user's library folder (default ~/.local/share/ct-workstation)")
+    p.add_argument("--speech-weights", default=None, help="speech encoder folder (default assets/speech)")
     model_options(p)
     p = verb("zeroshot", "probability of each of the 18 CT-RATE findings in a CT")
     p.add_argument("--ct", required=True, help="NIfTI / NRRD / MHA file, DICOM folder, DICOM .zip or one .dcm slice")

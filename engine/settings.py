@@ -7,6 +7,8 @@ a caller that sets an environment variable after importing the engine is still h
     CT_X2CT_DIR              the chest-radiograph (X2CT-CLIP) encoder folder (default assets/x2ct)
     CT_SHARED_DATA           the real data used by training and tests (default ../shared/data beside the checkout)
     CT_GENERATOR_DIR         the demo generator (vae/ and unet/ checkpoint folders; default assets/generator)
+    CT_WORKSTATION_CACHE     files made once and reused (default ~/.cache/ct-workstation): converted Whisper, voices
+    CT_SPEECH_DIR            the speech encoder checkpoint folder (default assets/speech)
 """
 from __future__ import annotations
 
@@ -70,3 +72,21 @@ def training_cache_dir() -> Path:
 def generator_dir() -> Path:
     """The demo generator: DIR/vae and DIR/unet checkpoint folders ($CT_GENERATOR_DIR; default assets/generator)."""
     return _path("CT_GENERATOR_DIR", ASSETS / "generator")
+
+
+def user_cache_dir() -> Path:
+    """Files the engine makes once and reuses ($CT_WORKSTATION_CACHE, default $XDG_CACHE_HOME/ct-workstation or
+    ~/.cache/ct-workstation): converted Whisper weights, the Kokoro voice pack, synthesised speech."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return _path("CT_WORKSTATION_CACHE", Path(xdg) / "ct-workstation")
+
+
+def whisper_cache_dir(name: str) -> Path:
+    """The converted offline Whisper `name` ("tiny.en", "base") in the transformers layout, made once by
+    engine/convert/whisper.py."""
+    return user_cache_dir() / "whisper" / name
+
+
+def speech_dir() -> Path:
+    """The speech encoder checkpoint folder ($CT_SPEECH_DIR, default assets/speech)."""
+    return _path("CT_SPEECH_DIR", ASSETS / "speech")

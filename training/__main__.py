@@ -10,6 +10,8 @@
     python -m training x2ct --preset demo|paper [--backbone resnet|swin] [--beta B --gamma G] [--n-train N]
                             [--n-test N] [--steps N] [--time-budget-min M] [--out DIR] [--cache DIR] [--resume]
     python -m training x2ct-eval --checkpoint runs/x2ct-demo/model [--cache DIR]
+    python -m training speech --preset demo|paper [--distill-weight L | --no-distill] [--steps N] [--resume] ...
+    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -178,6 +180,37 @@ def _add_x2ct_parsers(sub) -> None:
     e.set_defaults(func=_x2ct_eval)
 
 
+def _speech(args) -> int:
+    from training.train_speech import SpeechTrainConfig, train
+    cfg = SpeechTrainConfig.demo() if args.preset == "demo" else SpeechTrainConfig.paper()
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                   "seed": args.seed, "distill_weight": args.distill_weight,
+                                   "n_studies": args.studies, "n_test_studies": args.test_studies,
+                                   "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
+                                   "reports_csv": args.reports_csv, "cpu_threads": args.threads}.items()
+                 if v is not None}
+    if args.no_distill:
+        overrides["distill_weight"] = 0.0
+    if args.time_budget_min is not None:
+        overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    if args.synthesis_budget_min is not None:
+        overrides["synthesis_budget_cpu_s"] = 60.0 * args.synthesis_budget_min
+    cfg = replace(cfg, **overrides)
+    out = Path(args.out or settings.training_runs_dir() / f"speech-{cfg.preset}")
+    summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "synthesis"} | {"synthesis": summary.get("synthesis")}))
+    return 0
+
+
+def _speech_eval(args) -> int:
+    from training.eval_speech import evaluate
+    budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
+    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test_studies=args.test_studies,
+                       synthesis_budget_cpu_s=budget)
+    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training")
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -214,6 +247,33 @@ def main(argv=None) -> int:
     x.set_defaults(func=_ctclip_export)
     _add_generator_stages(sub)
     _add_x2ct_parsers(sub)
+    s = sub.add_parser("speech", help="train the speech encoder (SpeechCT-CLIP) against the frozen CT CLIP")
+    s.add_argument("--preset", choices=("demo", "paper"), default="demo")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--distill-weight", type=float, help="lambda of (1 - cos(audio, text teacher)); default 1.0")
+    s.add_argument("--no-distill", action="store_true", help="the ablation: contrastive audio <-> CT only")
+    s.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
+    s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
+    s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")
+    s.add_argument("--test-studies", type=int, help="demo: held-out phantom studies (default 100)")
+    s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, oversubscribed CPU)")
+    s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
+    s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    s.add_argument("--audio-dir", help="paper: audio files named by CT-RATE VolumeName")
+    s.add_argument("--ct-latents", help="paper: frozen CT-CLIP latents (safetensors keyed by VolumeName)")
+    s.add_argument("--reports-csv", help="paper: CT-RATE reports (VolumeName, Findings_EN) for the text teacher")
+    s.set_defaults(func=_speech)
+    v = sub.add_parser("speech-eval", help="evaluate a speech encoder on unseen voices (held-out phantom split)")
+    v.add_argument("--checkpoint", default=str(settings.ASSETS / "speech"))
+    v.add_argument("--cache", help="data cache (default cache/speech-demo)")
+    v.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
+    v.add_argument("--test-studies", type=int, default=100)
+    v.add_argument("--synthesis-budget-min", type=float, help="CPU minutes for new Kokoro test clips (default: all)")
+    v.set_defaults(func=_speech_eval)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:

@@ -1,0 +1,140 @@
+"""Evaluation of a speech encoder on UNSEEN voices (the trunk's metric code, training/evaluate.py).
+
+On the held-out phantom test split (training/ctclip_data.py's test seeds), read aloud by the Kokoro voices of
+EVAL_VOICES (never trained on):
+- spoken report -> volume Recall@{5, 10, 50, 100}; spoken short query -> volume Recall@10;
+- zero-shot with SPOKEN prompts: the 36 prompts ("{label} is present." / "... is not present.") read by an unseen
+  voice and encoded by the speech encoder, CT-CLIP's rule on the frozen CT latents (macro AUROC, F1, ...);
+- the same with the text teacher (the CT CLIP's text tower), the reference row of the paper's table;
+- robustness the paper did not measure: the report clips with background noise at 10 dB SNR (white noise shaped by
+  nothing: the worst case for its level), telephone-band audio (300-3400 Hz band-pass, 8 kHz and back), and the
+  reports read by espeak-ng (another synthesiser altogether).
+Written into the checkpoint's metrics.json; `comparison_table` prints text teacher vs speech without / with
+distillation from two checkpoints' metrics.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.labels import LABELS
+from training.evaluate import recall_at_k, zero_shot_metrics
+
+NOISE_SNR_DB = 10.0
+TELEPHONE_BAND_HZ = (300.0, 3400.0)
+TELEPHONE_RATE = 8000
+
+
+def add_noise(samples: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """White Gaussian noise at `snr_db` dB below the signal's mean power (16 kHz samples in, same out)."""
+    power = float(np.mean(samples.astype(np.float64) ** 2))
+    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), samples.shape)
+    return np.clip(samples + noise, -1.0, 1.0).astype(np.float32)
+
+
+def telephone_band(samples: np.ndarray, rate: int = 16000) -> np.ndarray:
+    """A narrow-band telephone channel: 4th-order Butterworth band-pass 300-3400 Hz, down to 8 kHz and back up."""
+    from scipy.signal import butter, resample_poly, sosfiltfilt
+
+    sos = butter(4, TELEPHONE_BAND_HZ, btype="bandpass", fs=rate, output="sos")
+    narrow = resample_poly(sosfiltfilt(sos, samples), TELEPHONE_RATE, rate)
+    return resample_poly(narrow, rate, TELEPHONE_RATE).astype(np.float32)
+
+
+def speech_latents(model, synthesizer, clips, transform=None) -> np.ndarray:
+    """(n, D) unit latents of the clips (optionally transformed 16 kHz samples first)."""
+    from tqdm import tqdm
+
+    out = []
+    for clip in tqdm(clips, desc="speech latents", unit="clip"):
+        samples = synthesizer.load(clip)
+        out.append(model.embed(transform(samples) if transform else samples))
+    return np.stack(out)
+
+
+def retrieval(latents: np.ndarray, studies: list[int], ct: np.ndarray, ks=(5, 10, 50, 100)) -> dict:
+    """Recall@K of each query latent against every test volume (K above the gallery size are left out)."""
+    ks = tuple(k for k in ks if k <= len(ct)) or (len(ct),)
+    return recall_at_k(latents @ ct.T, np.asarray(studies), ks=ks)
+
+
+def spoken_zero_shot(model, synthesizer, ct: np.ndarray, labels: np.ndarray, scale: float, voice: str) -> dict:
+    """Zero-shot metrics with the 36 prompts spoken by `voice` (CT-CLIP's rule on the frozen CT latents)."""
+    import torch
+
+    from engine.models.ctclip import all_zero_shot_prompts, zero_shot_probabilities
+    from training.speech_data import Clip
+
+    prompts = [Clip(text, voice, 1.0) for text in all_zero_shot_prompts()]
+    latents = speech_latents(model, synthesizer, prompts).reshape(len(LABELS), 2, -1)
+    probs = zero_shot_probabilities(torch.from_numpy(ct), torch.from_numpy(latents), scale).numpy()
+    return zero_shot_metrics(probs, labels)
+
+
+def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None = None, n_test_studies: int = 100,
+             robustness: bool = True, synthesis_budget_cpu_s: float | None = None) -> dict:
+    """The speech encoder in `checkpoint` on the test split (module docstring) -> metrics dict, also written to
+    OUT (default CHECKPOINT/metrics.json). New Kokoro clips are made within `synthesis_budget_cpu_s` (queries first,
+    then reports); only the clips that exist are evaluated."""
+    import torch
+
+    from engine.models.ctclip import zero_shot_probabilities
+    from engine.models.speech_encoder import SpeechEncoder
+    from engine.settings import training_cache_dir
+    from training.speech_data import ESPEAK_VOICES, EVAL_VOICES
+    from training.train_speech import SpeechTrainConfig, ctclip_pipeline, demo_split
+
+    cache_root = Path(cache_root or training_cache_dir() / "speech-demo")
+    cfg = SpeechTrainConfig(n_test_studies=n_test_studies, texts=("query", "report"))
+    model = SpeechEncoder.from_pretrained(checkpoint)
+    pipeline = ctclip_pipeline()
+    scale = float(pipeline.model.logit_scale.detach())
+    data = demo_split(cfg, "test", cache_root, pipeline, EVAL_VOICES, budget_cpu_s=synthesis_budget_cpu_s)
+    synth, ct, labels = data["synthesizer"], data["ct"], data["labels"]
+    by_kind = {kind: [(item, data["clips"][item.key]) for item, k in zip(data["items"], data["kinds"]) if k == kind]
+               for kind in ("report", "query")}
+    metrics = {"voices": list(EVAL_VOICES), "n_test_studies": len(ct), "ctclip": pipeline.model_id,
+               "clips": {kind: len(pairs) for kind, pairs in by_kind.items()}}
+    text_probs = zero_shot_probabilities(torch.from_numpy(ct), torch.from_numpy(pipeline.prompt_latents), scale)
+    metrics["text_zero_shot_macro_auroc"] = zero_shot_metrics(text_probs.numpy(), labels)["macro"]["auroc"]
+    zs = spoken_zero_shot(model, synth, ct, labels, scale, EVAL_VOICES[0])
+    metrics["speech_zero_shot"] = {"macro": zs["macro"], "voice": EVAL_VOICES[0]}
+    for kind, pairs in by_kind.items():
+        if not pairs:
+            continue
+        studies = [item.study for item, _ in pairs]
+        text = np.stack([item.text_latent for item, _ in pairs])
+        metrics[f"text_{kind}_recall"] = retrieval(text, studies, ct)
+        latents = speech_latents(model, synth, [clip for _, clip in pairs])
+        metrics[f"speech_{kind}_recall"] = retrieval(latents, studies, ct)
+        metrics[f"speech_{kind}_cosine_to_text"] = float(np.mean(np.sum(latents * text, axis=1)))
+        if robustness and kind == "report":
+            clips = [clip for _, clip in pairs]
+            metrics["noise_10db_report_recall"] = retrieval(
+                speech_latents(model, synth, clips, lambda s: add_noise(s, NOISE_SNR_DB)), studies, ct)
+            metrics["telephone_report_recall"] = retrieval(
+                speech_latents(model, synth, clips, telephone_band), studies, ct)
+            espeak = demo_split(cfg, "test", cache_root, pipeline, ESPEAK_VOICES, engine="espeak")
+            pairs_e = [(i, espeak["clips"][i.key]) for i, k in zip(espeak["items"], espeak["kinds"]) if k == kind]
+            metrics["espeak_report_recall"] = retrieval(
+                speech_latents(model, synth, [c for _, c in pairs_e]), [i.study for i, _ in pairs_e], ct)
+    out = Path(out or Path(checkpoint) / "metrics.json")
+    out.write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def comparison_table(with_distill: dict, without_distill: dict) -> str:
+    """The paper's comparison (text teacher vs speech without vs with distillation) as a Markdown table."""
+    def row(name, zs, recall):
+        return f"| {name} | {zs:.3f} | " + " | ".join(f"{recall.get(f'R@{k}', float('nan')):.3f}"
+                                                     for k in (5, 10, 50, 100)) + " |"
+    lines = ["| encoder | zero-shot macro AUROC | R@5 | R@10 | R@50 | R@100 |", "|---|---|---|---|---|---|",
+             row("text teacher (CT CLIP)", with_distill["text_zero_shot_macro_auroc"],
+                 with_distill.get("text_report_recall", {})),
+             row("speech, no distillation", without_distill["speech_zero_shot"]["macro"]["auroc"],
+                 without_distill.get("speech_report_recall", {})),
+             row("speech, distillation", with_distill["speech_zero_shot"]["macro"]["auroc"],
+                 with_distill.get("speech_report_recall", {}))]
+    return "\n".join(lines)
