@@ -114,9 +114,9 @@ def _library(args, pipeline):
 def cmd_retrieve(args) -> dict:
     from engine.query import check_query_text
 
-    if bool(args.text) == bool(args.audio):
+    if (args.text is None) == (args.audio is None):      # an empty --text "" is a query, refused as empty below
         raise UserError("Give exactly one of --text or --audio.")
-    if args.audio:
+    if args.audio is not None:
         return retrieve_audio(args)
     text = check_query_text(args.text)  # before loading any model: bad queries answer at once
     from engine.study_library import user_library_folder
