@@ -160,7 +160,7 @@ def test_tiny_token_feature_run_trains_with_the_token_loss(tiny_feature_cache, t
                       cls_only_top_layer=True, label_loss_weight=1.0, token_loss_weight=1.0, n_token_masks=6,
                       n_train_generated=6, model_overrides=tiny_ctclip_overrides(max_length=48))
     summary = train(cfg, tmp_path / "run", cache_root=tiny_feature_cache, progress=False)
-    assert summary["step"] == 3
+    assert summary["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["loss"]) for row in log)
     stats = json.loads((tmp_path / "run" / "feature_stats.json").read_text())
@@ -201,3 +201,19 @@ def test_pointing_game_hand_worked():
     assert strict["overall"]["hits"] == 0
     with pytest.raises(ValueError):
         pointing_game(heat, np.zeros_like(masks), ["a", "a", "b"])
+
+
+def test_pipeline_reads_a_token_feature_folder_end_to_end(tmp_path):
+    """A (random, small) token-feature CT CLIP on the demo grid through CTClipPipeline: the folder's preprocessing
+    computes the features, the latent is unit norm and the heat map lands on the caller's grid."""
+    from engine.pipelines.ctclip import CTClipPipeline
+    cfg = TrainConfig(preset="demo", vision="token_features", text_max_length=48,
+                      model_overrides={"vision_dim": 32, "spatial_depth": 1, "temporal_depth": 1, "heads": 2,
+                                       "dim_head": 16, "latent_dim": 32})
+    build_model(cfg, pretrained_text=True).save_pretrained(tmp_path / "m")
+    pipeline = CTClipPipeline.from_pretrained(tmp_path / "m")
+    volume = render_phantom(sample_findings(["Pleural effusion"], np.random.default_rng(12)), 12)
+    latent = pipeline.embed_volume(volume)
+    assert latent.shape == (32,) and math.isclose(float(np.linalg.norm(latent)), 1.0, rel_tol=1e-4)
+    heat, score = pipeline.heatmap(volume, "right pleural effusion")
+    assert heat.shape == volume.array.shape and 0 <= heat.min() and heat.max() <= 1 and -1 <= score <= 1
