@@ -40,6 +40,10 @@ LABELS: tuple[str, ...] = (
     "Interlobular septal thickening",
 )
 LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
+# Findings drawn in one place (a lesion with a mask), as issue 12's pointing game lists them: the heat map of
+# "{label} is present." should peak on them. The others are diffuse (emphysema, mosaic) or everywhere along a tree.
+FOCAL_LABELS: tuple[str, ...] = ("Lung nodule", "Consolidation", "Atelectasis", "Pleural effusion",
+                                 "Pericardial effusion", "Lymphadenopathy", "Hiatal hernia", "Medical material")
 
 LOBES: tuple[str, ...] = (
     "right upper lobe", "right middle lobe", "right lower lobe",

@@ -15,6 +15,8 @@ Presets (`Preprocessing`) say, for each model, the grid and intensity mapping it
   RAS), a named step of the chain like every other.
 - DEMO: the embedded small models' grid, DEMO_SPACING_XYZ / DEMO_SHAPE_ZYX of engine.volume, clip [-1000, 1000] HU,
   divide by 1000, pad -1.
+- DEMO_TOKEN_FEATURES: the demo grid in HU, NOT clipped (pad -1000 HU), then the `TokenFeatures` step: per-token
+  features of engine/token_features.py (they need metal and dense calcium above the 1000 HU clip) -> (t, h, w, F).
 Resampling is SimpleITK's linear interpolation (no anti-aliasing, like the references' trilinear
 F.interpolate), with -1000 HU (air) outside the original volume.
 """
@@ -195,6 +197,14 @@ class Preprocessing:
     out_range: tuple[float, float] = (-1.0, 1.0)
     orientation: str = "LPS"          # "RAS" flips the y and x axes of the tensor (Text2CT's reference orients RAS)
     fit: str = "crop_or_pad"          # or "resize" (the Text2CT reference's distorting trilinear resize)
+    # "" = a voxel tensor; else a TokenFeatureConfig preset ("demo" | "fast"): the chain keeps HU (clip_hu and
+    # out_range are not applied) and `prepare` ends with TokenFeatures(preset) -> (t, h, w, F)
+    token_features: str = ""
+
+    @property
+    def final_step(self) -> "TokenFeatures | None":
+        """The step after the volume chain (TokenFeatures for a token-feature preset), else None."""
+        return TokenFeatures(self.token_features) if self.token_features else None
 
     @property
     def pad_value(self) -> float:
@@ -206,6 +216,10 @@ class Preprocessing:
         """The whole chain, HU volume in, model-ready volume out (including the RAS flip when asked)."""
         lo, hi = self.clip_hu
         intensity = [ClipHU(lo, hi), ScaleHU(lo, hi, *self.out_range)]
+        if self.token_features:      # HU kept whole: the features see metal and dense calcium
+            if self.fit != "crop_or_pad" or self.orientation != "LPS":
+                raise ValueError("token features take the LPS crop_or_pad chain")
+            return Compose([ResampleToSpacing(self.spacing_xyz), CenterCropOrPad(self.shape_zyx, AIR_HU)])
         if self.fit == "resize":
             steps = [ClipHU(lo, hi), ResampleToSpacing(self.spacing_xyz), ResizeToShape(self.shape_zyx),
                      ScaleHU(lo, hi, *self.out_range)]
@@ -240,20 +254,48 @@ class Preprocessing:
     def demo(cls) -> "Preprocessing":
         return cls("demo", tuple(DEMO_SPACING_XYZ), tuple(DEMO_SHAPE_ZYX))
 
+    @classmethod
+    def demo_token_features(cls, preset: str = "demo") -> "Preprocessing":
+        """The demo grid in HU (no clip), then per-token features of TokenFeatureConfig.<preset>()."""
+        return cls(f"demo-token-features-{preset}", tuple(DEMO_SPACING_XYZ), tuple(DEMO_SHAPE_ZYX),
+                   token_features=preset)   # = CTCLIPConfig.demo_token_features().default_preprocessing()
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    """HU volume on the model grid -> per-token features (t, h, w, F) float32 (engine/token_features.py, preset
+    "demo" = 71 features or "fast" = 45). The last step of a token-feature preset: it turns a volume into a token
+    grid, so `prepare` applies it after the Volume -> Volume chain."""
+    preset: str = "demo"
+
+    def config(self):
+        from engine.token_features import TokenFeatureConfig
+        if self.preset not in ("demo", "fast"):
+            raise ValueError(f"unknown token feature preset {self.preset!r}: 'demo' or 'fast'")
+        return getattr(TokenFeatureConfig, self.preset)()
+
+    def __call__(self, volume: Volume) -> np.ndarray:
+        from engine.token_features import token_features
+        return token_features(volume.array, volume.spacing, self.config())
+
 
 CTCLIP = Preprocessing.ctclip()
 TEXT2CT = Preprocessing.text2ct()
 DEMO = Preprocessing.demo()
+DEMO_TOKEN_FEATURES = Preprocessing.demo_token_features()
 
 
 def prepare(volume: Volume, preprocessing: Preprocessing) -> tuple[Volume, torch.Tensor]:
-    """The ONE way from an HU volume to a model input (engine, training and tests call it):
-    (the preprocessed volume with its geometry, float32 tensor (1, z, y, x) in the preset's units)."""
+    """The ONE way from an HU volume to a model input (engine, training and tests call it): (the preprocessed
+    volume with its geometry, float32 tensor of ONE study, stacked for a batch): (1, z, y, x) in the preset's
+    units, or for a token-feature preset the features (t, h, w, F) of the preprocessed HU volume."""
     prepared = preprocessing.transforms()(volume)
-    return prepared, torch.from_numpy(np.ascontiguousarray(prepared.array, dtype=np.float32))[None]
+    final = preprocessing.final_step
+    array = final(prepared) if final is not None else prepared.array[None]
+    return prepared, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def to_model_tensor(volume: Volume, preprocessing: Preprocessing = DEMO) -> torch.Tensor:
-    """`prepare` without the volume: float32 tensor (1, z, y, x). Axes are LPS-ordered (row 0 anterior, column 0
+    """`prepare` without the volume: float32 tensor (1, z, y, x) (or (t, h, w, F) for a token-feature preset). Axes are LPS-ordered (row 0 anterior, column 0
     patient's right) unless preprocessing.orientation == "RAS" (the FlipToRAS step: row 0 posterior, column 0 left)."""
     return prepare(volume, preprocessing)[1]

@@ -2,8 +2,10 @@
 
     python -m training ctclip --preset demo|paper [--steps N] [--batch-size B] [--out DIR] [--cache DIR] [--resume]
                               [--init-from CHECKPOINT_DIR] [--seed S] [--density-log-share]
+                              [--vision ctvit|token_features] [--n-train-generated N] [--n-train-real N]
+                              [--n-token-masks N]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
-    python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE]
+    python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE] [--n-test N]
     python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm-export [--vae DIR] [--unet DIR] [--out assets/generator]
@@ -28,9 +30,15 @@ from engine import settings
 
 def _ctclip(args) -> int:
     from training.train_ctclip import TrainConfig, train
-    cfg = TrainConfig.demo() if args.preset == "demo" else TrainConfig.paper()
+    if args.vision == "token_features" and args.preset != "demo":
+        print("error: --vision token_features is a demo-preset encoder.", file=sys.stderr)
+        return 2
+    cfg = TrainConfig.paper() if args.preset == "paper" else \
+        TrainConfig.demo_token_features() if args.vision == "token_features" else TrainConfig.demo()
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                   "num_workers": args.num_workers, "seed": args.seed}.items() if v is not None}
+                                   "num_workers": args.num_workers, "seed": args.seed,
+                                   "n_train_generated": args.n_train_generated, "n_train_real": args.n_train_real,
+                                   "n_token_masks": args.n_token_masks}.items() if v is not None}
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.fsdp:
@@ -53,7 +61,7 @@ def _ctclip(args) -> int:
 
 def _ctclip_eval(args) -> int:
     from training.eval_ctclip import evaluate
-    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out)
+    metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test=args.n_test)
     print(json.dumps({k: metrics[k] for k in ("zero_shot_macro_auroc", "recall_at_10", "map_at_10")
                       if k in metrics}))
     return 0
@@ -231,6 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--density-log-share", action="store_true",
                    help="demo: add the CT-ViT's log-share density channels (zero-initialised, so --init-from a model "
                    "without them continues exactly where it was)")
+    p.add_argument("--vision", choices=("ctvit", "token_features"), default="ctvit",
+                   help="demo image tower: the CT-ViT on voxels, or the token-feature encoder (TrainConfig."
+                   "demo_token_features: cached per-token features, + the token-level loss on the focal masks)")
+    p.add_argument("--n-train-generated", type=int, help="demo: generated phantoms in the training cache")
+    p.add_argument("--n-train-real", type=int, help="demo: real-report phantoms in the training cache")
+    p.add_argument("--n-token-masks", type=int, help="token_features: training studies whose focal masks are drawn")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (paper preset, several GPUs)")
     p.add_argument("--data-root", help="CT-RATE dataset root holding train/ and valid/ (paper)")
     p.add_argument("--reports-csv")
@@ -240,6 +254,7 @@ def main(argv=None) -> int:
     e.add_argument("--checkpoint", default=str(settings.ASSETS / "ctclip"))
     e.add_argument("--cache", help="phantom cache directory (default cache/ctclip-demo)")
     e.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
+    e.add_argument("--n-test", type=int, default=300, help="held-out studies evaluated (the first N that render)")
     e.set_defaults(func=_ctclip_eval)
     x = sub.add_parser("ctclip-export", help="copy a run's model to assets/ctclip (float16)")
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))

@@ -313,13 +313,17 @@ class CTCLIPDataset(torch.utils.data.Dataset):
         out += rng.standard_normal(size=out.shape, dtype=np.float32) * np.float32(self.noise_hu)
         return out.astype(np.float32)
 
-    def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def image(self, i: int, rng: np.random.Generator) -> torch.Tensor:
+        """The model input of study i (augmented when `augment`)."""
         hu = self.cache.hu(i)
         if self.augment:
             hu = self.augment_hu(hu, rng)
+        return hu_to_model(hu, self.cache.spacing_xyz, self.preset)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x = self.image(i, rng)
         kind = self._kind(i, rng)
-        x = hu_to_model(hu, self.cache.spacing_xyz, self.preset)
         item = (x, self.cache.records[i][kind])
         if self.paired_text:
             item += (self.second_text(i, kind, rng),)
@@ -327,3 +331,182 @@ class CTCLIPDataset(torch.utils.data.Dataset):
             item += (self.label_matrix[i],)
         return item
 
+
+
+# ---- cached token features and focal-finding token masks (the token-feature vision family) ---------------------
+#
+# Next to volumes.npy, for a token-feature preset P ("demo" | "fast"):
+# - token_features_P.npy: float32 (N, t, h, w, F), the model input of each cached volume by the engine's one path
+#   (engine.transforms.prepare with the checkpoint's Preprocessing), computed once per study;
+# - token_masks.npy: float32 (N, t, h, w, len(FOCAL_LABELS)), the share of each token's voxels inside each focal
+#   finding's mask (engine.phantom.finding_masks), NaN where not computed (masks cost one render per finding);
+# - token_features_P.jsonl: one line per finished study {"index", "masks"} (resumable, like studies.jsonl).
+
+def features_paths(root: Path, preset: str) -> tuple[Path, Path, Path]:
+    root = Path(root)
+    return root / f"token_features_{preset}.npy", root / "token_masks.npy", root / f"token_features_{preset}.jsonl"
+
+
+def token_shares(mask: np.ndarray, patch_zyx) -> np.ndarray:
+    """Boolean (z, y, x) mask -> (t, h, w) share of each token's voxels inside it."""
+    pz, py, px = patch_zyx
+    z, y, x = mask.shape
+    return mask.reshape(z // pz, pz, y // py, py, x // px, px).mean(axis=(1, 3, 5))
+
+
+def _features_worker_init(root: str, preprocessing_dict: dict):
+    from engine.transforms import Preprocessing
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    _WORKER["volumes"] = np.load(Path(root) / "volumes.npy", mmap_mode="r")
+    _WORKER["spacing"] = tuple(json.loads((Path(root) / "meta.json").read_text())["plan"]["spacing_xyz"])
+    _WORKER["preprocessing"] = Preprocessing.from_dict(preprocessing_dict)
+
+
+def _features_job(job: tuple[dict, bool]) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """(record, with masks) -> (index, features (t, h, w, F), token mask shares (t, h, w, 8) or None)."""
+    from engine.labels import FOCAL_LABELS
+    from engine.phantom import finding_masks, study_findings
+    record, with_masks = job
+    pre = _WORKER["preprocessing"]
+    hu = np.asarray(_WORKER["volumes"][record["index"]], dtype=np.float32)
+    features = to_model_tensor(Volume(array=hu, spacing=_WORKER["spacing"]), pre).numpy()
+    if not with_masks:
+        return record["index"], features, None
+    labels = record["labels"] if record["kind"] == "real" else None
+    _, findings, _ = study_findings(record["seed"], labels)
+    masks = finding_masks(record["seed"], findings, FOCAL_LABELS, tuple(pre.shape_zyx), tuple(pre.spacing_xyz))
+    patch = (pre.shape_zyx[0] // features.shape[0], pre.shape_zyx[1] // features.shape[1],
+             pre.shape_zyx[2] // features.shape[2])
+    shares = np.zeros(features.shape[:3] + (len(FOCAL_LABELS),), np.float32)
+    for k, label in enumerate(FOCAL_LABELS):
+        if label in masks:
+            shares[..., k] = token_shares(masks[label], patch)
+    return record["index"], features, shares
+
+
+def build_token_features(root: Path, preprocessing, n_masks: int | None = None, workers: int = 2,
+                         progress: bool = True, n_studies: int | None = None) -> Path:
+    """Compute the token features (and, for the first n_masks finished studies, None = all, the focal-finding token
+    masks) of every finished study of the cache at `root` (the first n_studies, None = all) that lacks them;
+    resumable. Returns `root`."""
+    from engine.labels import FOCAL_LABELS
+    preset = preprocessing.token_features
+    if not preset:
+        raise ValueError("build_token_features needs a token-feature preprocessing")
+    root = Path(root)
+    cache = PhantomCache(root)
+    cache.records = cache.records[:n_studies]
+    feat_path, mask_path, log_path = features_paths(root, preset)
+    n_total = cache.volumes.shape[0]
+    probe = to_model_tensor(Volume(array=cache.hu(0), spacing=cache.spacing_xyz), preprocessing).numpy()
+    if not feat_path.exists():
+        np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float32, shape=(n_total, *probe.shape))
+    if not mask_path.exists():
+        m = np.lib.format.open_memmap(mask_path, mode="w+", dtype=np.float32,
+                                      shape=(n_total, *probe.shape[:3], len(FOCAL_LABELS)))
+        m[:] = np.nan
+        m.flush()
+    features, masks = np.load(feat_path, mmap_mode="r+"), np.load(mask_path, mmap_mode="r+")
+    done = _read_feature_log(log_path)
+    n_masks = len(cache) if n_masks is None else n_masks
+    todo = []
+    for r, rec in enumerate(cache.records):
+        want_masks = r < n_masks
+        have = done.get(rec["index"])
+        if have is None or (want_masks and not have):
+            todo.append((rec, want_masks))
+    bar = tqdm(total=len(cache), initial=len(cache) - len(todo), desc=f"token features ({root.name})", unit="study",
+               disable=not progress)
+    with open(log_path, "a") as log:
+        def store(index, feats, shares):
+            features[index] = feats
+            if shares is not None:
+                masks[index] = shares
+            features.flush()
+            masks.flush()
+            log.write(json.dumps({"index": index, "masks": shares is not None}) + "\n")
+            log.flush()
+            bar.update(1)
+        init_args = (str(root), preprocessing.to_dict())
+        if workers <= 1:
+            _features_worker_init(*init_args)
+            for job in todo:
+                store(*_features_job(job))
+        else:
+            with mp.get_context("spawn").Pool(workers, initializer=_features_worker_init, initargs=init_args) as pool:
+                for out in pool.imap_unordered(_features_job, todo, chunksize=1):
+                    store(*out)
+    bar.close()
+    return root
+
+
+def _read_feature_log(path: Path) -> dict[int, bool]:
+    """index -> whether its masks were computed (the last line of an index wins; a torn line is ignored)."""
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["index"]] = out.get(rec["index"], False) or rec["masks"]
+    return out
+
+
+class TokenFeatureCache:
+    """Read side of the cached token features (and masks) of a PhantomCache, by record position."""
+
+    def __init__(self, cache: PhantomCache, preset: str):
+        feat_path, mask_path, log_path = features_paths(cache.root, preset)
+        self.cache = cache
+        self.done = _read_feature_log(log_path)
+        self.features = np.load(feat_path, mmap_mode="r") if feat_path.exists() else None
+        self.masks = np.load(mask_path, mmap_mode="r") if mask_path.exists() else None
+
+    def has(self, i: int) -> bool:
+        return self.cache.records[i]["index"] in self.done
+
+    def features_of(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.features[self.cache.records[i]["index"]]))
+
+    def masks_of(self, i: int) -> torch.Tensor:
+        """(t, h, w, len(FOCAL_LABELS)) token shares; NaN when not computed for this study."""
+        return torch.from_numpy(np.array(self.masks[self.cache.records[i]["index"]]))
+
+    def statistics(self) -> tuple[list[float], list[float]]:
+        """Per-feature mean and SD over every token of the finished studies (the encoder's standardisation)."""
+        rows = sorted(self.cache.records[i]["index"] for i in range(len(self.cache)) if self.has(i))
+        flat = np.asarray(self.features[rows], dtype=np.float64).reshape(-1, self.features.shape[-1])
+        return flat.mean(axis=0).tolist(), flat.std(axis=0).tolist()
+
+
+def model_input(cache: PhantomCache, i: int, preprocessing, features: TokenFeatureCache | None = None):
+    """The model input of the i-th cached study: its cached token features when there are some, else computed by
+    the engine's one path (hu_to_model)."""
+    if features is not None and features.has(i):
+        return features.features_of(i)
+    return hu_to_model(cache.hu(i), cache.spacing_xyz, preprocessing)
+
+
+class TokenFeatureDataset(CTCLIPDataset):
+    """CTCLIPDataset on cached token features: the same texts and labels; the image is the study's cached
+    (t, h, w, F) features (no augmentation: they are computed once from the un-augmented volume); with
+    with_token_masks the focal-finding token shares (t, h, w, 8) (NaN where not computed) come last."""
+
+    def __init__(self, cache: PhantomCache, preset, seed: int = 0, paired_text: bool = False,
+                 with_labels: bool = False, with_token_masks: bool = False):
+        super().__init__(cache, preset, augment=False, seed=seed, paired_text=paired_text, with_labels=with_labels)
+        self.features = TokenFeatureCache(cache, preset.token_features)
+        cache.records = [r for i, r in enumerate(cache.records) if self.features.has(i)]   # finished studies only
+        self.features = TokenFeatureCache(cache, preset.token_features)
+        if with_labels:
+            self.label_matrix = torch.from_numpy(cache.label_matrix()).float()
+        self.with_token_masks = with_token_masks
+
+    def image(self, i: int, rng: np.random.Generator) -> torch.Tensor:
+        return self.features.features_of(i)
+
+    def __getitem__(self, i: int):
+        item = super().__getitem__(i)
+        return item + (self.features.masks_of(i),) if self.with_token_masks else item

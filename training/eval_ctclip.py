@@ -7,7 +7,11 @@ Metrics (definitions in training/evaluate.py, CT-CLIP's, bugs fixed):
   per-label AUROC, PR-AUC and CT-CLIP's top-left-threshold F1/accuracy/precision; macro means;
 - report -> volume Recall@{5, 10, 50, 100}: each study's generated report ("Findings: ... Impression: ...") against
   all test volumes, positive found by seed; also the short query ("right pleural effusion") -> volume;
-- volume -> volume MAP@{1, 5, 10, 50} with label-IoU relevance.
+- volume -> volume MAP@{1, 5, 10, 50} with label-IoU relevance;
+- the pointing game (training.evaluate.pointing_game): for each test study and each focal finding it has
+  (engine.labels.FOCAL_LABELS), does the heat map of "{label} is present." (CTCLIP.token_scores on the unpooled
+  token grid, the app's heat map) peak inside or within one token of the finding's mask (engine.phantom.finding_masks,
+  cached as token shares next to the test volumes by training.ctclip_data.build_token_features).
 95 % bootstrap intervals for the headline numbers.
 """
 from __future__ import annotations
@@ -33,15 +37,60 @@ def encode_texts(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
+def feature_cache(cache, preset):
+    """The cache's stored token features for a token-feature preset (None otherwise, or when none are stored)."""
+    from training.ctclip_data import TokenFeatureCache, features_paths
+    if not preset.token_features or not features_paths(cache.root, preset.token_features)[0].exists():
+        return None
+    return TokenFeatureCache(cache, preset.token_features)
+
+
 @torch.no_grad()
-def encode_cache_images(model, cache, preset, batch_size: int = 8) -> torch.Tensor:
-    from training.ctclip_data import hu_to_model
+def encode_cache_images(model, cache, preset, batch_size: int = 8, tokens: bool = False) -> torch.Tensor:
+    """Unit image latents (N, latent) of the cached studies, or with tokens=True the unpooled token grids
+    (N, t, h, w, d). Token features come from the cache when stored (the same engine path computed them)."""
+    from training.ctclip_data import model_input
+    features = feature_cache(cache, preset)
     out = []
     for i in range(0, len(cache), batch_size):
-        x = torch.stack([hu_to_model(cache.hu(j), cache.spacing_xyz, preset)
-                         for j in range(i, min(len(cache), i + batch_size))])
-        out.append(model.encode_image(x))
+        x = torch.stack([model_input(cache, j, preset, features) for j in range(i, min(len(cache), i + batch_size))])
+        out.append(model.visual_transformer(x) if tokens else model.encode_image(x))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def pointing_game_of(model, cache, preset, workers: int = 2) -> dict:
+    """The pointing game over the cache's studies (masks drawn once and cached; see the module docstring)."""
+    from dataclasses import replace
+
+    from engine.labels import FOCAL_LABELS
+    from engine.models.ctclip import ZERO_SHOT_PROMPTS
+    from training.ctclip_data import TokenFeatureCache, build_token_features
+    from training.evaluate import pointing_game
+    mask_preset = preset if preset.token_features else replace(preset, token_features="demo")
+    build_token_features(cache.root, mask_preset, n_masks=len(cache), workers=workers, n_studies=len(cache))
+    masks = TokenFeatureCache(cache, mask_preset.token_features)
+    prompts = encode_texts(model, [ZERO_SHOT_PROMPTS[0].format(label=label) for label in FOCAL_LABELS])
+    heat, shares, names = [], [], []
+    for i in range(len(cache)):
+        m = masks.masks_of(i).numpy()                                   # (t, h, w, 8) token shares
+        present = [k for k in range(len(FOCAL_LABELS)) if (m[..., k] > 0).any()]
+        if not present:
+            continue
+        tokens = encode_cache_images(model, _one(cache, i), preset, tokens=True)
+        for k in present:
+            heat.append(model.token_scores(tokens, prompts[k])[0].numpy())
+            shares.append(m[..., k] > 0)
+            names.append(FOCAL_LABELS[k])
+    return pointing_game(np.stack(heat), np.stack(shares), names)
+
+
+def _one(cache, i: int):
+    """A view of the cache holding only its i-th study (same memmaps)."""
+    import copy
+    view = copy.copy(cache)
+    view.records = [cache.records[i]]
+    return view
 
 
 def zero_shot_probs(image_emb: torch.Tensor, model) -> np.ndarray:
@@ -57,6 +106,9 @@ def image_probe(model, preset, image_np: np.ndarray, labels: np.ndarray, train_r
     from training.evaluate import linear_probe_auroc
     if n_fit and (train_root / "meta.json").is_file():
         train = PhantomCache(train_root)
+        stored = feature_cache(train, preset)
+        if stored is not None:     # the studies whose token features are cached (others would be computed now)
+            train.records = [r for i, r in enumerate(train.records) if stored.has(i)]
         train.records = train.records[:n_fit]
         if len(train) >= 2 * image_np.shape[1]:
             fit = encode_cache_images(model, train, preset).numpy()
@@ -65,13 +117,14 @@ def image_probe(model, preset, image_np: np.ndarray, labels: np.ndarray, train_r
 
 
 def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None = None, n_test: int = 300,
-             plan_size: int = TEST_PLAN_SIZE, write: bool = True, bootstrap: int = 500, probe_fit: int = 1000) -> dict:
+             plan_size: int = TEST_PLAN_SIZE, write: bool = True, bootstrap: int = 500, probe_fit: int = 1000,
+             pointing: bool = True) -> dict:
     """Encode the test split with the checkpoint and return (and write to CHECKPOINT/metrics.json) the metrics.
 
     The image linear probe is fitted on the latents of the first `probe_fit` training studies when the training
     cache (CACHE/train) is there, else cross-validated on the test split."""
     from engine.models.ctclip import CTCLIP, ZERO_SHOT_PROMPTS
-    from training.ctclip_data import CachePlan, PhantomCache, build_cache
+    from training.ctclip_data import CachePlan, PhantomCache, build_cache, build_token_features
     from training.evaluate import (bootstrap_ci, macro_auroc, map_at_k, map_at_k_bounds, recall_at_k,
                                    write_metrics_json, zero_shot_metrics)
 
@@ -81,7 +134,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     preset = model.preprocessing                     # the checkpoint folder's own input preparation
     cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
     test_root = cache_root / "test"
-    build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
+    if not ((test_root / "meta.json").is_file() and len(PhantomCache(test_root)) >= n_test):
+        build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
     cache = PhantomCache(test_root)
     if len(cache) < n_test:
         raise RuntimeError(f"only {len(cache)} test studies rendered ({len(cache.failed)} seeds failed)")
@@ -89,6 +143,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     labels = cache.label_matrix()
     ids = [str(r["seed"]) for r in cache.records]
 
+    if preset.token_features:     # the test volumes' features once (and the focal masks, for the pointing game)
+        build_token_features(test_root, preset, n_masks=n_test if pointing else 0, n_studies=n_test)
     image = encode_cache_images(model, cache, preset)
     reports = encode_texts(model, [r["report"] for r in cache.records])
     queries = encode_texts(model, [r["query"] for r in cache.records])
@@ -123,6 +179,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         "image_linear_probe_auroc": image_probe(model, preset, image_np, labels, cache_root / "train", probe_fit),
         "ci95": {k: {"point": v[0], "lo": v[1], "hi": v[2]} for k, v in ci.items()},
         "targets": {"zero_shot_macro_auroc": 0.90, "report_to_volume_R@10": 0.30, "volume_to_volume_MAP@10": 0.70},
+        "pointing_game": pointing_game_of(model, cache, preset) if pointing else None,
         "n": len(ids),
     }
     summary = checkpoint / "train_summary.json"

@@ -22,6 +22,8 @@ What each function reproduces (definitions read from the public CT-CLIP code; it
   regression per label on the (standardised) image latents, fitted on training-split latents (or k-fold), scored
   by AUROC on held-out ones. The zero-shot score is itself linear in the image latent (scale * (pos - neg) . z),
   so the probe shows what a better text side could reach with this image encoder.
+- `pointing_game`: does a finding's heat map peak inside, or within one token of, that finding's mask (issue 12
+  item 6; no published CT CLIP measures it); hit rate per label and over all (study, finding) pairs.
 - `write_metrics_json`: the metrics.json written next to each shipped checkpoint.
 """
 from __future__ import annotations
@@ -424,6 +426,32 @@ def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int
     draws = [map_at_k(rng.standard_normal((len(y), 64)), y, ks, abnormal_gallery_only=abnormal_gallery_only)
              for _ in range(n_random)]
     return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
+
+
+def pointing_game(heat_maps, masks, labels: Sequence[str], *, tolerance: int = 1) -> dict:
+    """The pointing game on token grids: for each (study, finding) pair, the heat map's maximum token (the first in
+    C order on ties) is a hit when a token of the finding's mask lies within `tolerance` tokens of it in every axis
+    (Chebyshev distance; 1 = the 3 x 3 x 3 neighbourhood).
+
+    heat_maps (n, t, h, w) float and masks (n, t, h, w) bool (tokens holding any voxel of the finding), one row per
+    pair; labels (n,) the pair's finding name. Pairs with an empty mask raise (nothing to point at).
+    Returns {"per_label": {label: {"hits", "n", "rate"}}, "overall": {"hits", "n", "rate"}}."""
+    heat_maps, masks = np.asarray(heat_maps, dtype=np.float64), np.asarray(masks, dtype=bool)
+    if heat_maps.shape != masks.shape or heat_maps.ndim != 4 or len(labels) != len(heat_maps):
+        raise ValueError("heat_maps and masks must be (n, t, h, w) of one shape, with one label per row")
+    if not masks.reshape(len(masks), -1).any(axis=1).all():
+        raise ValueError("every pair needs a non-empty mask")
+    hits = []
+    for heat, mask in zip(heat_maps, masks):
+        peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        window = tuple(slice(max(0, p - tolerance), p + tolerance + 1) for p in peak)
+        hits.append(bool(mask[window].any()))
+    per_label = {}
+    for label in dict.fromkeys(labels):
+        h = [hit for hit, name in zip(hits, labels) if name == label]
+        per_label[label] = {"hits": int(sum(h)), "n": len(h), "rate": sum(h) / len(h)}
+    overall = {"hits": int(sum(hits)), "n": len(hits), "rate": sum(hits) / len(hits) if hits else float("nan")}
+    return {"per_label": per_label, "overall": overall}
 
 
 def _probe_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, l2: float) -> np.ndarray:

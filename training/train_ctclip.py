@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from training.loop import Dist, LoopConfig, StepSampler, TrainingLoop  # noqa: F401 (tests import StepSampler here)
 
-from engine.models.losses import symmetric_infonce
+from engine.models.losses import balanced_token_bce, symmetric_infonce
 from engine.models.text import FrozenTextPrefix
 from engine.settings import training_cache_dir
 
@@ -66,6 +66,11 @@ class TrainConfig:
     center_heads: int = 0                    # > 0: mean-removing init of both latent heads from this many studies
     cls_only_top_layer: bool = False         # compute the top BERT layer for [CLS] only (exact; demo speed)
     label_loss_weight: float = 0.0           # > 0: + w * BCE(linear label head on the image and text latents) (demo)
+    # vision family: "ctvit" (voxels, CTCLIPConfig.demo) | "token_features" (cached per-token features,
+    # CTCLIPConfig.demo_token_features; demo only)
+    vision: str = "ctvit"
+    token_loss_weight: float = 0.0           # > 0: + w * token-level BCE of the heat maps vs the focal masks (demo)
+    n_token_masks: int = 0                   # training studies (the first N) whose focal masks are rendered
     init_from: str = ""                      # a CT CLIP directory (config.json + model.safetensors) to continue from
     added_lr_mult: float = 10.0              # lr multiplier of tensors the continued model adds (they start at zero)
     # model overrides (CTCLIPConfig field -> value)
@@ -91,6 +96,13 @@ class TrainConfig:
                    model_overrides={"temperature_init": math.log(1 / 0.07)})
 
     @classmethod
+    def demo_token_features(cls) -> "TrainConfig":
+        """The demo recipe on the token-feature encoder: the image side costs milliseconds per step (features cached
+        once per phantom), so more steps fit; + the token-level loss on the focal findings' masks."""
+        return replace(cls.demo(), vision="token_features", steps=20_000, time_budget_s=60 * 60, lr=5e-4,
+                       warmup_steps=100, token_loss_weight=1.0, n_token_masks=600)
+
+    @classmethod
     def paper(cls) -> "TrainConfig":
         """CT-CLIP's published recipe: Adam 1.25e-6 (0.9, 0.99), batch 8, 100k steps, clip 0.5, autocast, Findings."""
         return cls(preset="paper", steps=100_000, batch_size=8, lr=1.25e-6, betas=(0.9, 0.99), grad_clip=0.5,
@@ -105,11 +117,13 @@ class ContrastiveStep(nn.Module):
     head (latent -> 18 logits, shared by the image and text latents) adds a supervised term (demo recipe)."""
 
     def __init__(self, model, prefix: FrozenTextPrefix | None = None, cls_only_top_layer: bool = False,
-                 n_labels: int = 0):
+                 n_labels: int = 0, token_loss: bool = False):
         super().__init__()
         self.model, self.prefix = model, prefix
         self.cls_only_top_layer = cls_only_top_layer
         self.label_head = nn.Linear(model.config.latent_dim, n_labels) if n_labels else None
+        # token logit = scale * n_tokens * token share + bias (training only; n_tokens makes a share cosine-sized)
+        self.token_logit = nn.Parameter(torch.tensor([10.0, -2.0])) if token_loss else None
 
     def encode_text_from_hidden(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cached hidden states after the frozen prefix -> unit text latent, as CTCLIP.encode_text."""
@@ -119,12 +133,27 @@ class ContrastiveStep(nn.Module):
     def encode_text(self, a, b):
         return self.encode_text_from_hidden(a, b) if self.prefix is not None else self.model.encode_text(a, b)
 
+    def token_logits(self, tokens: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
+        """The heat maps as logits: tokens (b, t, h, w, d), prompt latents (L, latent) -> (b, t, h, w, L).
+
+        Why the token scores against the prompts' text latents and not a separate per-token classifier: the heat map
+        the app shows and the pointing game scores IS CTCLIP.token_scores against "{label} is present."; a side
+        classifier could learn where a lesion is while that map stays elsewhere. Training the map itself moves the
+        vision tokens, the latent head and the prompt latents together, and adds nothing to the exported model."""
+        t, h, w = tokens.shape[1:4]
+        shares = torch.stack([self.model.token_scores(tokens, q) for q in prompt_latents], dim=-1)
+        return self.token_logit[0] * (t * h * w) * shares + self.token_logit[1]
+
     def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0,
-                labels=None, label_loss_weight: float = 0.0):
+                labels=None, label_loss_weight: float = 0.0, token_masks=None, prompt_a=None, prompt_b=None,
+                token_loss_weight: float = 0.0):
         """Symmetric InfoNCE image <-> text; with a second text per study (text2) also
         + text_text_weight * symmetric InfoNCE text <-> text2 (same logit scale); with labels (B, 18) 0/1 also
-        + label_loss_weight * mean BCE of the label head on each latent (image, text[, text2])."""
-        image = self.model.encode_image(volumes)
+        + label_loss_weight * mean BCE of the label head on each latent (image, text[, text2]); with token_masks
+        (B, t, h, w, 8) and the focal prompts (prompt_a/b: "{label} is present." of FOCAL_LABELS) also
+        + token_loss_weight * balanced_token_bce(token_logits, token_masks)."""
+        tokens = self.model.visual_transformer(volumes)              # (b, t, h, w, d): encode_image, unpooled
+        image = self.model.image_latent_from_tokens(tokens.mean(dim=1))
         n = image.shape[0]
         if text2_a is not None:   # one pass through the text layers for both texts
             text, text2 = self.encode_text(*_stack_padded(text_a, text_b, text2_a, text2_b)).split(n)
@@ -140,6 +169,9 @@ class ContrastiveStep(nn.Module):
             target = labels.to(image.dtype)
             bce = [F.binary_cross_entropy_with_logits(self.label_head(z), target) for z in latents]
             loss = loss + label_loss_weight * torch.stack(bce).mean()
+        if token_masks is not None and token_loss_weight and self.token_logit is not None:
+            prompts = self.encode_text(prompt_a, prompt_b)
+            loss = loss + token_loss_weight * balanced_token_bce(self.token_logits(tokens, prompts), token_masks)
         return loss, logits.detach()
 
 
@@ -177,13 +209,20 @@ def model_config(cfg: TrainConfig):
     """The preset's CTCLIPConfig with the run's text length and model_overrides (field names of either config
     layout, e.g. {"vision_dim": 48} or {"vision": {"dim": 48}})."""
     from engine.models.ctclip import CTCLIPConfig
+    if cfg.vision not in ("ctvit", "token_features") or (cfg.vision == "token_features" and cfg.preset != "demo"):
+        raise ValueError(f"vision {cfg.vision!r} with preset {cfg.preset!r}: token_features is a demo family")
     base = CTCLIPConfig.demo() if cfg.preset == "demo" else CTCLIPConfig.paper()
-    return CTCLIPConfig.from_dict({**base.to_dict(), "max_length": cfg.text_max_length, **cfg.model_overrides})
+    if cfg.vision == "token_features":
+        base = CTCLIPConfig.demo_token_features()
+    d = {**base.to_dict(), "max_length": cfg.text_max_length}
+    for key, value in cfg.model_overrides.items():     # a nested override ({"vision": {...}}) updates, not replaces
+        d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+    return CTCLIPConfig.from_dict(d)
 
 
 def collate(batch):
-    """[(tensor (1, z, y, x), text[, text2][, labels (18,)])] -> ((B, 1, z, y, x), [text][, [text2]][, (B, 18)]):
-    tensors are stacked, texts kept as lists."""
+    """[(tensor (1, z, y, x) or features (t, h, w, F), text[, text2][, labels (18,)][, token masks (t, h, w, 8)])]
+    -> ((B, ...), [text][, [text2]][, (B, 18)][, (B, t, h, w, 8)]): tensors are stacked, texts kept as lists."""
     return tuple(torch.stack(column) if isinstance(column[0], torch.Tensor) else list(column)
                  for column in zip(*batch))
 
@@ -297,6 +336,10 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
     parameter groups and logs; training.loop does the rest."""
     loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="ctclip")
     d = loop.dist
+    if cfg.vision == "token_features":     # the cache (and its statistics) before the model: they are its config
+        if dataset is None:
+            dataset = make_dataset(cfg, model_config(cfg).default_preprocessing(), cache_root, d, progress)
+        cfg = with_feature_statistics(cfg, dataset, Path(out_dir))
     model = build_model(cfg)
     added = ()
     if cfg.init_from and not loop.resuming:   # before anything is written: a bad --init-from leaves OUT untouched
@@ -316,7 +359,8 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
             print(f"centred latent heads: {stats}", flush=True)
     from engine.labels import LABELS
     inner = ContrastiveStep(model, prefix, cls_only_top_layer=cfg.cls_only_top_layer and prefix is not None,
-                            n_labels=len(LABELS) if cfg.label_loss_weight else 0).to(d.device)
+                            n_labels=len(LABELS) if cfg.label_loss_weight else 0,
+                            token_loss=cfg.token_loss_weight > 0).to(d.device)
     if cfg.init_from and loop.resuming:    # resuming a continued run: the same parameter groups as when it started
         added = tuple(init_from_additions(model, Path(cfg.init_from)))
 
@@ -324,6 +368,8 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         groups = param_groups(model, cfg, added)
         if inner.label_head is not None:
             groups.append({"params": list(inner.label_head.parameters()), "lr_mult": 1.0, "weight_decay": 0.0})
+        if inner.token_logit is not None:
+            groups.append({"params": [inner.token_logit], "lr_mult": 1.0, "weight_decay": 0.0})
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas) if cfg.weight_decay \
             else torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
 
@@ -350,11 +396,18 @@ def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device
 
     def inputs(batch):
         volumes, texts, *rest = batch
+        token = {}
+        if cfg.token_loss_weight:        # the token masks come last, the focal prompts with them
+            from engine.labels import FOCAL_LABELS
+            from engine.models.ctclip import ZERO_SHOT_PROMPTS
+            prompt_a, prompt_b = text_inputs([ZERO_SHOT_PROMPTS[0].format(label=label) for label in FOCAL_LABELS])
+            token = {"token_masks": rest.pop().to(device), "prompt_a": prompt_a, "prompt_b": prompt_b,
+                     "token_loss_weight": cfg.token_loss_weight}
         labels = rest.pop().to(device) if rest and isinstance(rest[-1], torch.Tensor) else None
         text2 = text_inputs(rest[0]) if rest and cfg.text_text_weight else (None, None)
         return ((volumes.to(device, non_blocking=True), *text_inputs(texts), *text2),
                 {"text_text_weight": cfg.text_text_weight, "labels": labels,
-                 "label_loss_weight": cfg.label_loss_weight})
+                 "label_loss_weight": cfg.label_loss_weight, **token})
     return inputs
 
 
@@ -383,17 +436,38 @@ def shard_units(model) -> list[nn.Module]:
 
 def make_dataset(cfg: TrainConfig, preset, cache_root: Path | None, d: Dist, progress: bool):
     if cfg.preset == "demo":
-        from training.ctclip_data import CTCLIPDataset
+        from training.ctclip_data import CTCLIPDataset, PhantomCache, TokenFeatureDataset, build_token_features
         cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
         if d.main:
             demo_train_cache(cfg, cache_root, progress)
+            if cfg.vision == "token_features":   # once per cached phantom (and the first n_token_masks' masks)
+                build_token_features(cache_root / "train", preset, n_masks=cfg.n_token_masks, progress=progress)
         if dist.is_initialized():
             dist.barrier()
-        from training.ctclip_data import PhantomCache
+        if cfg.vision == "token_features":
+            return TokenFeatureDataset(PhantomCache(cache_root / "train"), preset, seed=cfg.seed,
+                                       paired_text=cfg.text_text_weight > 0, with_labels=cfg.label_loss_weight > 0,
+                                       with_token_masks=cfg.token_loss_weight > 0)
         return CTCLIPDataset(PhantomCache(cache_root / "train"), preset, augment=True, seed=cfg.seed,
                              paired_text=cfg.text_text_weight > 0, with_labels=cfg.label_loss_weight > 0)
     from training.ctrate import CTRATEDataset
     return CTRATEDataset(Path(cfg.data_root), Path(cfg.reports_csv), Path(cfg.metadata_csv), preset=preset)
+
+
+def with_feature_statistics(cfg: TrainConfig, dataset, out_dir: Path) -> TrainConfig:
+    """cfg with the token features' per-feature mean / SD in its model overrides (the encoder's standardisation,
+    saved in config.json). Computed from the training cache when the run starts and kept in OUT/feature_stats.json,
+    so a resumed run standardises exactly as before even if the cache has grown since."""
+    path = Path(out_dir) / "feature_stats.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+    else:
+        mean, std = dataset.features.statistics()
+        stats = {"feature_mean": mean, "feature_std": std}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stats))
+    vision = {**cfg.model_overrides.get("vision", {}), **stats}
+    return replace(cfg, model_overrides={**cfg.model_overrides, "vision": vision})
 
 
 # ------------------------------------------------------------------------------------------------------ shipping

@@ -11,6 +11,8 @@ Two presets share this code:
   (see engine/convert/ctclip.py): CT-ViT dim 512 on (240, 480, 480), BERT-base (CXR-BERT-specialized), latent 512.
 - `CTCLIPConfig.demo()`: small enough to train on a 2-core CPU from this repository's phantom data: CT-ViT dim 192 on
   (64, 128, 128), the offline all-MiniLM-L6-v2 text tower (384-d), latent 256, no vector quantiser.
+  `CTCLIPConfig.demo_token_features()` is the same with the token-feature vision family (vision.family =
+  "token_features": frozen per-token features -> the CT-ViT's transformers; engine/models/ctvit.py).
 
 Because to_visual_latent is linear and the depth pooling a mean, the image-text score splits exactly over the CT-ViT
 tokens: `token_scores` gives each token's share, a heat map of where the text matches that sums to the score.
@@ -29,7 +31,7 @@ from torch import nn
 from engine.errors import UserError
 from engine.labels import LABELS
 from engine.models.base import TOKENIZER_DIR, ModelConfig, PretrainedModel
-from engine.models.ctvit import CTViT, CTViTConfig
+from engine.models.ctvit import CTViTConfig, vision_encoder
 from engine.models.losses import symmetric_infonce
 from engine.models.text import TextConfig, load_pretrained_text_weights, pretrained_text_state, text_family
 from engine.transforms import Preprocessing
@@ -78,6 +80,12 @@ class CTCLIPConfig(ModelConfig):
                    official_extra_projections=False)
 
     @classmethod
+    def demo_token_features(cls, preset: str = "demo") -> "CTCLIPConfig":
+        """The demo CT CLIP on frozen per-token features (CTViTConfig.demo_token_features; issue 12)."""
+        return cls(preset="demo", vision=CTViTConfig.demo_token_features(preset), text=TextConfig.demo(),
+                   latent_dim=256, official_extra_projections=False)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "CTCLIPConfig":
         """Nested (this code's) or flat (config.json files written before the vision/text split) layout."""
         return super().from_dict(_nest_flat_layout(d))
@@ -91,17 +99,24 @@ class CTCLIPConfig(ModelConfig):
     def default_preprocessing(self) -> Preprocessing:
         """For a folder without preprocessing.json: paper -> CT-CLIP's (0.75, 0.75, 1.5 mm, 240 x 480 x 480);
         otherwise the demo field of view (350 x 350 x 300 mm) on the vision input_shape (= transforms.DEMO at the
-        demo's (64, 128, 128))."""
+        demo's (64, 128, 128)); the token-feature family takes that grid in HU, then TokenFeatures."""
+        from dataclasses import replace
+
         from engine.transforms import CTCLIP, DEMO
 
         shape = tuple(self.vision.input_shape)
         if self.preset == "paper":
             return CTCLIP
         if shape == tuple(DEMO.shape_zyx):
-            return DEMO
-        fov_zyx = [n * s for n, s in zip(DEMO.shape_zyx, reversed(DEMO.spacing_xyz))]
-        spacing_xyz = tuple(f / n for f, n in zip(reversed(fov_zyx), reversed(shape)))
-        return Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
+            grid = DEMO
+        else:
+            fov_zyx = [n * s for n, s in zip(DEMO.shape_zyx, reversed(DEMO.spacing_xyz))]
+            spacing_xyz = tuple(f / n for f, n in zip(reversed(fov_zyx), reversed(shape)))
+            grid = Preprocessing(f"demo-{'x'.join(map(str, shape))}", spacing_xyz, shape)
+        if self.vision.family == "token_features":   # HU on the same grid, then TokenFeatures
+            preset = self.vision.token_feature_preset
+            return replace(grid, name=f"{grid.name}-token-features-{preset}", token_features=preset)
+        return grid
 
 
 # config.json keys of the flat layout (before the vision/text split) -> (nested config, field name)
@@ -152,7 +167,7 @@ class CTCLIP(PretrainedModel):
     def __init__(self, config: CTCLIPConfig):
         super().__init__()
         self.config = config
-        self.visual_transformer = CTViT(config.vision)
+        self.visual_transformer = vision_encoder(config.vision)   # CTViT or TokenFeatureViT
         self.text_transformer = text_family(config.text).build(config.text.architecture)
         self.to_text_latent = nn.Linear(config.text.hidden_size, config.latent_dim, bias=False)
         self.to_visual_latent = nn.Linear(config.visual_dim, config.latent_dim, bias=False)
@@ -192,7 +207,8 @@ class CTCLIP(PretrainedModel):
 
     # ----------------------------------------------------------------------------------------------- image side
     def image_tokens(self, volume: torch.Tensor) -> torch.Tensor:
-        """Volume (b, 1, z, y, x) -> CT-ViT tokens mean-pooled over depth: (b, h, w, vision dim)."""
+        """Volume (b, 1, z, y, x) (or token features (b, t, h, w, F) for the token-feature family) -> the vision
+        tower's tokens mean-pooled over depth: (b, h, w, vision dim)."""
         return self.visual_transformer(volume).mean(dim=1)
 
     def image_latent_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,15 @@ official `CT-CLIP_v2.pt` weights load by name and compute the same function:
     -> cosine-similarity vector quantiser (optional)     tokens replaced by their codebook vector
     -> token grid (b, t, h, w, dim)
 
+A second vision family for the demo preset (`CTViTConfig.family = "token_features"`, `TokenFeatureViT`, issue 12):
+the frozen per-token features of engine/token_features.py replace the patch embedding, and the same spatial and
+temporal transformers run on top:
+
+    features (b, t, h, w, F) (engine.transforms.TokenFeatures: HU windows up to metal, Hessian blob/tube/plate, ...)
+    -> standardise with the training cache's mean / SD (config: feature_mean, feature_std), clip to +-8 SD
+    -> Linear(F, dim) + learned position embedding (t, h, w, dim) -> LayerNorm
+    -> spatial transformer, temporal transformer (as above)   -> token grid (b, t, h, w, dim)
+
 Every transformer layer is [PEG, self-attention, (no cross-attention), GEGLU feed-forward], pre-norm, residual.
 Paper preset (v2): dim 512, image 480, patch 20, temporal patch 10, depth 4 + 4, 8 heads x 32 -> grid 24 x 24 x 24.
 
@@ -61,6 +70,13 @@ class CTViTConfig(ModelConfig):
     # Demo-only: also embed log(share above) and log(share below) of each edge (PatchDensityEmbedding.log_proj)
     patch_hu_log_share: bool = False
     hu_per_unit: float = 1000.0  # CT-CLIP's input scaling: model unit = HU / 1000
+    # "ctvit" (voxels -> patch embedding, CTViT) or "token_features" (cached per-token features, TokenFeatureViT)
+    family: str = "ctvit"
+    # token_features only: the TokenFeatureConfig preset ("demo" 71 features | "fast" 45) and each feature's mean
+    # and SD over the training cache (feature units, see engine/token_features.py), written by the trainer
+    token_feature_preset: str = "demo"
+    feature_mean: tuple[float, ...] = ()
+    feature_std: tuple[float, ...] = ()
 
     @classmethod
     def paper(cls) -> "CTViTConfig":
@@ -78,6 +94,22 @@ class CTViTConfig(ModelConfig):
         return cls(dim=192, input_shape=(64, 128, 128), patch_size=16, temporal_patch_size=8, spatial_depth=2,
                    temporal_depth=2, heads=4, dim_head=32, use_vq=False, official_decoder_heads=False,
                    patch_hu_edges=DEMO_PATCH_HU_EDGES)
+
+    @classmethod
+    def demo_token_features(cls, preset: str = "demo") -> "CTViTConfig":
+        """The demo encoder on frozen per-token features (issue 12): the demo CT-ViT's transformers and token grid
+        (8 x 8 x 8 of 8 x 16 x 16 voxels), no patch or density embedding. feature_mean / feature_std start empty
+        (identity) and are set by the trainer from its cache."""
+        return cls(dim=192, input_shape=(64, 128, 128), patch_size=16, temporal_patch_size=8, spatial_depth=2,
+                   temporal_depth=2, heads=4, dim_head=32, use_vq=False, official_decoder_heads=False,
+                   family="token_features", token_feature_preset=preset)
+
+    @property
+    def n_features(self) -> int:
+        """F, the per-token feature count of token_feature_preset."""
+        from engine.transforms import TokenFeatures
+        from engine.token_features import feature_names
+        return len(feature_names(TokenFeatures(self.token_feature_preset).config()))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -362,7 +394,22 @@ class PatchDensityEmbedding(nn.Module):
         return out
 
 
-class CTViT(nn.Module):
+class TokenGridEncoder(nn.Module):
+    """The spatial then temporal transformer over a (b, t, h, w, dim) token grid, shared by both vision families."""
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Spatial then temporal transformer on a (b, t, h, w, dim) grid; returns the same shape."""
+        b, t, h, w, d = tokens.shape
+        video_shape = (b, t, h, w)
+        attn_bias = self.spatial_rel_pos_bias(h, w)
+        x = tokens.reshape(b * t, h * w, d)
+        x = self.enc_spatial_transformer(x, video_shape, attn_bias=attn_bias)
+        x = x.reshape(b, t, h, w, d).permute(0, 2, 3, 1, 4).reshape(b * h * w, t, d)
+        x = self.enc_temporal_transformer(x, video_shape)
+        return x.reshape(b, h, w, t, d).permute(0, 3, 1, 2, 4)
+
+
+class CTViT(TokenGridEncoder):
     """CT-ViT encoder. `forward(volume (b, c, z, y, x))` -> token grid (b, t, h, w, dim) (quantised if use_vq)."""
 
     def __init__(self, config: CTViTConfig):
@@ -400,17 +447,6 @@ class CTViT(nn.Module):
                 f"{c.temporal_patch_size} slices, got (z, y, x) = {(z, y, x)}."
             )
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Spatial then temporal transformer on a (b, t, h, w, dim) grid; returns the same shape."""
-        b, t, h, w, d = tokens.shape
-        video_shape = (b, t, h, w)
-        attn_bias = self.spatial_rel_pos_bias(h, w)
-        x = tokens.reshape(b * t, h * w, d)
-        x = self.enc_spatial_transformer(x, video_shape, attn_bias=attn_bias)
-        x = x.reshape(b, t, h, w, d).permute(0, 2, 3, 1, 4).reshape(b * h * w, t, d)
-        x = self.enc_temporal_transformer(x, video_shape)
-        return x.reshape(b, h, w, t, d).permute(0, 3, 1, 2, 4)
-
     def forward(self, volume: torch.Tensor, return_indices: bool = False):
         """volume (b, c, z, y, x), float (CT-CLIP: HU / 1000 clipped to [-1, 1]).
 
@@ -429,3 +465,54 @@ class CTViT(nn.Module):
         quantised, index = self.vq(tokens.reshape(shape[0], -1, shape[-1]))
         quantised = quantised.reshape(shape)
         return (quantised, index.reshape(shape[:-1])) if return_indices else quantised
+
+
+class TokenFeatureViT(TokenGridEncoder):
+    """The token-feature vision family: `forward(features (b, t, h, w, F))` -> token grid (b, t, h, w, dim).
+
+    Standardisation is config, not state: feature_mean / feature_std come from the training cache and live in
+    config.json, so a checkpoint folder says by itself how its inputs are scaled. The +-8 SD clip bounds the rare
+    extreme token (a metal lead's HU maximum) without touching the bulk."""
+
+    CLIP_SD = 8.0
+
+    def __init__(self, config: CTViTConfig):
+        super().__init__()
+        self.config = c = config
+        n = c.n_features
+        if c.feature_mean and (len(c.feature_mean) != n or len(c.feature_std) != n):
+            raise ValueError(f"feature_mean / feature_std need {n} values for preset {c.token_feature_preset!r}")
+        self.feature_proj = nn.Linear(n, c.dim)
+        self.pos_emb = nn.Parameter(torch.randn(*c.grid, c.dim) * 0.02)
+        self.norm_in = nn.LayerNorm(c.dim)
+        self.spatial_rel_pos_bias = ContinuousPositionBias(c.dim, c.heads)
+        self.enc_spatial_transformer = Transformer(c.dim, c.spatial_depth, c.dim_head, c.heads, c.ff_mult)
+        self.enc_temporal_transformer = Transformer(c.dim, c.temporal_depth, c.dim_head, c.heads, c.ff_mult)
+
+    def check_input(self, features: torch.Tensor) -> None:
+        want = (*self.config.grid, self.config.n_features)
+        if features.ndim != 5 or tuple(features.shape[1:]) != want:
+            raise UserError(f"The token-feature encoder expects a (batch, {', '.join(map(str, want))}) tensor, got "
+                            f"shape {tuple(features.shape)}.")
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        """(feature - mean) / SD per feature (identity while the config has no statistics), clipped to +-8."""
+        c = self.config
+        if not c.feature_mean:
+            return features
+        mean = torch.tensor(c.feature_mean, dtype=features.dtype, device=features.device)
+        std = torch.tensor(c.feature_std, dtype=features.dtype, device=features.device).clamp_min(1e-6)
+        return ((features - mean) / std).clamp(-self.CLIP_SD, self.CLIP_SD)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.check_input(features)
+        x = self.feature_proj(self.standardise(features).to(self.feature_proj.weight.dtype))
+        return self.encode(self.norm_in(x + self.pos_emb))
+
+
+def vision_encoder(config: CTViTConfig) -> nn.Module:
+    """The image tower of a vision config: CTViT ("ctvit") or TokenFeatureViT ("token_features")."""
+    families = {"ctvit": CTViT, "token_features": TokenFeatureViT}
+    if config.family not in families:
+        raise UserError(f"Unknown vision family {config.family!r}: use 'ctvit' or 'token_features'.")
+    return families[config.family](config)

@@ -1,5 +1,6 @@
 """Rendering: the render steps in their order, the scanner (noise, blur), the dense layer, masks, and the public
-render_phantom / phantom_masks / make_study."""
+render_phantom / phantom_masks / make_study, and
+finding_masks (where each focal finding is drawn)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from engine.errors import UserError
-from engine.labels import LOBES, Finding, check_labels
+from engine.labels import FOCAL_LABELS, LOBES, Finding, check_labels
 from engine.phantom.anatomy import Anatomy, heart_geometry, sample_anatomy, vessel_paths
 from engine.phantom.bones import paint_bones
 from engine.phantom.canvas import Canvas
@@ -175,14 +176,7 @@ def make_study(seed: int, labels: list[str] | None = None, shape_zyx=DEMO_SHAPE_
     Everything random comes from np.random.default_rng(seed) (label set, findings, report wording) and the seed itself
     (anatomy and noise), so a study is reproducible from its seed and labels.
     """
-    rng = np.random.default_rng(int(seed))
-    if labels is None:
-        labels = sample_label_set(rng)
-    try:
-        labels = check_labels(labels)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    findings = sample_findings(labels, rng)
+    labels, findings, rng = study_findings(seed, labels)
     volume = render_phantom(findings, seed, shape_zyx=shape_zyx, spacing_xyz=spacing_xyz)
     report = None
     if with_report:
@@ -190,3 +184,34 @@ def make_study(seed: int, labels: list[str] | None = None, shape_zyx=DEMO_SHAPE_
 
         report = write_report(findings, rng)
     return PhantomStudy(seed=int(seed), labels=labels, findings=findings, volume=volume, report=report)
+
+
+def study_findings(seed: int, labels: list[str] | None = None) -> tuple[list[str], list[Finding], np.random.Generator]:
+    """make_study's draws: (labels in CT-CLIP order, findings, the generator the report continues from). Labels None:
+    drawn from CT-RATE's label table. A cached study's findings come back from its seed (and labels, if given)."""
+    rng = np.random.default_rng(int(seed))
+    if labels is None:
+        labels = sample_label_set(rng)
+    try:
+        labels = check_labels(labels)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return labels, sample_findings(labels, rng), rng
+
+
+def finding_masks(seed: int, findings: list[Finding], labels=FOCAL_LABELS, shape_zyx=DEMO_SHAPE_ZYX,
+                  spacing_xyz=None, min_change_hu: float = 30.0) -> dict[str, np.ndarray]:
+    """Boolean (z, y, x) mask of where each of `labels` present in `findings` is drawn: the voxels whose noise-free
+    HU changes by at least `min_change_hu` when that label's findings are left out (same seed, same grid). The
+    phantom's random streams are per label, so leaving one label out changes only its own lesion and the tissue it
+    displaces (a pleural effusion's compressed lung is part of its mask). Labels absent from `findings` get no key.
+    One noise-free render plus one per present label (about 0.3 s each on the demo grid)."""
+    present = [label for label in labels if any(f.label == label for f in findings)]
+    if not present:
+        return {}
+    full = render_phantom(findings, seed, shape_zyx, spacing_xyz, noise=False)
+    out = {}
+    for label in present:
+        without = render_phantom([f for f in findings if f.label != label], seed, shape_zyx, spacing_xyz, noise=False)
+        out[label] = np.abs(full.array - without.array) >= np.float32(min_change_hu)
+    return out
