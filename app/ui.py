@@ -29,7 +29,8 @@ TITLE = "Chest-CT workstation"
 HOW_TO = ("Pick a study in **Library**, describe what you are looking for in **Find CTs**, or upload your own CT in "
           "**Open a CT**; the CT CLIP reads the 18 findings of whatever CT is open. Move the slice sliders to scroll, "
           "choose a window (Lung, Mediastinum, Bone or your own level and width), and press **Show 3-D** for a "
-          "surface view of bone and lungs.")
+          "surface view of bone and lungs. **Generate** makes a synthetic CT from a report and **Dictate** finds CTs "
+          "from your voice; each says how to train its model until one is installed.")
 
 THEME = gr.themes.Soft(primary_hue="sky", neutral_hue="slate")
 # CT planes on black, centred, never stretched (the image keeps its physical aspect inside its box).
