@@ -217,3 +217,48 @@ def test_pipeline_reads_a_token_feature_folder_end_to_end(tmp_path):
     assert latent.shape == (32,) and math.isclose(float(np.linalg.norm(latent)), 1.0, rel_tol=1e-4)
     heat, score = pipeline.heatmap(volume, "right pleural effusion")
     assert heat.shape == volume.array.shape and 0 <= heat.min() and heat.max() <= 1 and -1 <= score <= 1
+
+
+# ------------------------------------------------------------------------------------------------ frozen text side
+
+def test_zero_shot_logits_hand_worked():
+    """scale * (cos present - cos absent); the probability is CT-CLIP's softmax over the pair: for the image
+    (0.6, 0.8), present (1, 0), absent (0, 1) and scale 10 the logits are 6 and 8, so P = e^6 / (e^6 + e^8)
+    = 1 / (1 + e^2) = 0.1192 and the logit difference is -2."""
+    from engine.models.ctclip import zero_shot_logits, zero_shot_probabilities
+    image = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    torch.testing.assert_close(zero_shot_logits(image, prompts, 10.0), torch.tensor([[-2.0], [10.0]]))
+    torch.testing.assert_close(zero_shot_probabilities(image, prompts, 10.0),
+                               torch.tensor([[1 / (1 + math.e ** 2)], [1 / (1 + math.e ** -10)]]))
+
+
+def test_frozen_text_run_keeps_the_donor_text_side_and_trains_the_image_side(tiny_feature_cache, tmp_path):
+    """--init-text-from: the text tower and text head are the donor's, bit for bit, after training; the image side
+    moved; every text a step can draw is in OUT/text_latents.safetensors and equals the donor's encode_text."""
+    from safetensors.torch import load_file
+
+    from training.train_ctclip import TextLatentTable
+    donor = build_model(tiny_config())
+    with torch.no_grad():
+        donor.to_text_latent.weight.mul_(-1.0)          # a text side a fresh build would not have
+    donor.save_pretrained(tmp_path / "donor")
+    donor = CTCLIP.from_pretrained(tmp_path / "donor").eval()
+    cfg = TrainConfig(preset="demo", vision="token_features", steps=3, batch_size=3, lr=1e-3, log_every=1,
+                      ckpt_every=3, text_max_length=48, label_loss_weight=1.0, prompt_label_loss_weight=1.0,
+                      token_loss_weight=1.0, n_token_masks=6, n_train_generated=6, frozen_text=True,
+                      init_text_from=str(tmp_path / "donor"), model_overrides=tiny_ctclip_overrides(max_length=48))
+    train(cfg, tmp_path / "run", cache_root=tiny_feature_cache, progress=False)
+    trained = CTCLIP.from_pretrained(tmp_path / "run" / "model")
+    before, after = donor.state_dict(), trained.state_dict()
+    text_keys = [k for k in after if k.startswith(("text_transformer.", "to_text_latent."))]
+    assert text_keys and all(torch.equal(after[k], before[k]) for k in text_keys)
+    assert not torch.equal(after["to_visual_latent.weight"], before["to_visual_latent.weight"])
+    records = PhantomCache(tiny_feature_cache / "train").records
+    texts = [r[k] for r in records for k in ("report", "query", "real_report") if r.get(k)]
+    stored = load_file(str(tmp_path / "run" / "text_latents.safetensors"))
+    assert len(stored) == len(set(texts)) + 36
+    table = TextLatentTable(donor, texts[:2], tmp_path / "run" / "text_latents.safetensors", progress=False)
+    with torch.no_grad():
+        direct = donor.encode_text(**donor.tokenize(texts[:2]))
+    torch.testing.assert_close(table(texts[:2]), direct, atol=1e-5, rtol=0)

@@ -38,13 +38,17 @@ def _ctclip(args) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                    "num_workers": args.num_workers, "seed": args.seed,
                                    "n_train_generated": args.n_train_generated, "n_train_real": args.n_train_real,
-                                   "n_token_masks": args.n_token_masks}.items() if v is not None}
+                                   "n_token_masks": args.n_token_masks, "token_loss_weight": args.token_loss_weight,
+                                   "label_loss_weight": args.label_loss_weight,
+                                   "prompt_label_loss_weight": args.prompt_label_loss_weight}.items() if v is not None}
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.fsdp:
         overrides["fsdp"] = True
     if args.density_log_share:
         overrides["model_overrides"] = {**cfg.model_overrides, "patch_hu_log_share": True}
+    if args.init_text_from:
+        overrides.update(init_text_from=args.init_text_from, frozen_text=True)
     for name in ("data_root", "reports_csv", "metadata_csv", "init_from"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
@@ -245,6 +249,12 @@ def main(argv=None) -> int:
     p.add_argument("--n-train-generated", type=int, help="demo: generated phantoms in the training cache")
     p.add_argument("--n-train-real", type=int, help="demo: real-report phantoms in the training cache")
     p.add_argument("--n-token-masks", type=int, help="token_features: training studies whose focal masks are drawn")
+    p.add_argument("--init-text-from", help="copy the text side of this CT CLIP directory and freeze it (every "
+                   "text's latent computed once; token_features' default: assets/ctclip)")
+    p.add_argument("--token-loss-weight", type=float, help="token-level BCE of the heat maps vs the focal masks")
+    p.add_argument("--label-loss-weight", type=float, help="BCE of a linear label head on the latents")
+    p.add_argument("--prompt-label-loss-weight", type=float,
+                   help="BCE of the zero-shot rule itself (image latent vs the 36 prompts) against the labels")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP (paper preset, several GPUs)")
     p.add_argument("--data-root", help="CT-RATE dataset root holding train/ and valid/ (paper)")
     p.add_argument("--reports-csv")

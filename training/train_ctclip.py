@@ -34,7 +34,7 @@ from training.loop import Dist, LoopConfig, StepSampler, TrainingLoop  # noqa: F
 
 from engine.models.losses import balanced_token_bce, symmetric_infonce
 from engine.models.text import FrozenTextPrefix
-from engine.settings import training_cache_dir
+from engine.settings import ctclip_dir, training_cache_dir
 
 
 @dataclass
@@ -72,6 +72,12 @@ class TrainConfig:
     token_loss_weight: float = 0.0           # > 0: + w * token-level BCE of the heat maps vs the focal masks (demo)
     n_token_masks: int = 0                   # training studies (the first N) whose focal masks are rendered
     init_from: str = ""                      # a CT CLIP directory (config.json + model.safetensors) to continue from
+    # frozen text side (demo, token features): the text tower, its latent head and the temperature are copied from
+    # init_text_from and frozen; every distinct text's latent is computed once (TextLatentTable), so a step is the
+    # image side only (milliseconds on cached token features instead of seconds of BERT)
+    frozen_text: bool = False
+    init_text_from: str = ""                 # a CT CLIP directory whose text side is copied in (assets/ctclip)
+    prompt_label_loss_weight: float = 0.0    # > 0: + w * BCE of the zero-shot rule itself on the image latent
     added_lr_mult: float = 10.0              # lr multiplier of tensors the continued model adds (they start at zero)
     # model overrides (CTCLIPConfig field -> value)
     model_overrides: dict = field(default_factory=dict)
@@ -100,7 +106,10 @@ class TrainConfig:
         """The demo recipe on the token-feature encoder: the image side costs milliseconds per step (features cached
         once per phantom), so more steps fit; + the token-level loss on the focal findings' masks."""
         return replace(cls.demo(), vision="token_features", steps=20_000, time_budget_s=60 * 60, lr=5e-4,
-                       warmup_steps=100, token_loss_weight=1.0, n_token_masks=600)
+                       warmup_steps=100, token_loss_weight=1.0, n_token_masks=600,
+                       # the text side of the shipped CT CLIP, frozen (docs/training.md: why)
+                       frozen_text=True, init_text_from=str(ctclip_dir()), text_text_weight=0.0,
+                       prompt_label_loss_weight=1.0)
 
     @classmethod
     def paper(cls) -> "TrainConfig":
@@ -117,9 +126,10 @@ class ContrastiveStep(nn.Module):
     head (latent -> 18 logits, shared by the image and text latents) adds a supervised term (demo recipe)."""
 
     def __init__(self, model, prefix: FrozenTextPrefix | None = None, cls_only_top_layer: bool = False,
-                 n_labels: int = 0, token_loss: bool = False):
+                 n_labels: int = 0, token_loss: bool = False, text_given: bool = False):
         super().__init__()
         self.model, self.prefix = model, prefix
+        self.text_given = text_given        # frozen text side: the text inputs ARE the latents (TextLatentTable)
         self.cls_only_top_layer = cls_only_top_layer
         self.label_head = nn.Linear(model.config.latent_dim, n_labels) if n_labels else None
         # token logit = scale * n_tokens * token share + bias (training only; n_tokens makes a share cosine-sized)
@@ -131,6 +141,8 @@ class ContrastiveStep(nn.Module):
         return self.model.text_latent_from_features(features)
 
     def encode_text(self, a, b):
+        if self.text_given:
+            return a
         return self.encode_text_from_hidden(a, b) if self.prefix is not None else self.model.encode_text(a, b)
 
     def token_logits(self, tokens: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
@@ -141,21 +153,25 @@ class ContrastiveStep(nn.Module):
         classifier could learn where a lesion is while that map stays elsewhere. Training the map itself moves the
         vision tokens, the latent head and the prompt latents together, and adds nothing to the exported model."""
         t, h, w = tokens.shape[1:4]
-        shares = torch.stack([self.model.token_scores(tokens, q) for q in prompt_latents], dim=-1)
+        shares = self.model.token_score_maps(tokens, prompt_latents)
         return self.token_logit[0] * (t * h * w) * shares + self.token_logit[1]
 
     def forward(self, volumes, text_a, text_b, text2_a=None, text2_b=None, text_text_weight: float = 0.0,
                 labels=None, label_loss_weight: float = 0.0, token_masks=None, prompt_a=None, prompt_b=None,
-                token_loss_weight: float = 0.0):
+                token_loss_weight: float = 0.0, zero_shot_a=None, zero_shot_b=None,
+                prompt_label_loss_weight: float = 0.0):
         """Symmetric InfoNCE image <-> text; with a second text per study (text2) also
         + text_text_weight * symmetric InfoNCE text <-> text2 (same logit scale); with labels (B, 18) 0/1 also
-        + label_loss_weight * mean BCE of the label head on each latent (image, text[, text2]); with token_masks
-        (B, t, h, w, 8) and the focal prompts (prompt_a/b: "{label} is present." of FOCAL_LABELS) also
+        + label_loss_weight * mean BCE of the label head on each latent (image, text[, text2]) and
+        + prompt_label_loss_weight * BCE of the zero-shot rule (zero_shot_logits of the image latent against the 36
+        prompts zero_shot_a/b); with token_masks (B, t, h, w, 8) and the focal prompts (prompt_a/b: "{label} is present." of FOCAL_LABELS) also
         + token_loss_weight * balanced_token_bce(token_logits, token_masks)."""
         tokens = self.model.visual_transformer(volumes)              # (b, t, h, w, d): encode_image, unpooled
         image = self.model.image_latent_from_tokens(tokens.mean(dim=1))
         n = image.shape[0]
-        if text2_a is not None:   # one pass through the text layers for both texts
+        if text2_a is not None and self.text_given:
+            text, text2 = text_a, text2_a
+        elif text2_a is not None:   # one pass through the text layers for both texts
             text, text2 = self.encode_text(*_stack_padded(text_a, text_b, text2_a, text2_b)).split(n)
         else:
             text = self.encode_text(text_a, text_b)
@@ -169,6 +185,11 @@ class ContrastiveStep(nn.Module):
             target = labels.to(image.dtype)
             bce = [F.binary_cross_entropy_with_logits(self.label_head(z), target) for z in latents]
             loss = loss + label_loss_weight * torch.stack(bce).mean()
+        if labels is not None and prompt_label_loss_weight and zero_shot_a is not None:
+            from engine.models.ctclip import zero_shot_logits
+            prompts = self.encode_text(zero_shot_a, zero_shot_b).view(-1, 2, image.shape[1])
+            rule = F.binary_cross_entropy_with_logits(zero_shot_logits(image, prompts, scale), labels.to(image.dtype))
+            loss = loss + prompt_label_loss_weight * rule
         if token_masks is not None and token_loss_weight and self.token_logit is not None:
             prompts = self.encode_text(prompt_a, prompt_b)
             loss = loss + token_loss_weight * balanced_token_bce(self.token_logits(tokens, prompts), token_masks)
@@ -230,7 +251,8 @@ def collate(batch):
 # ------------------------------------------------------------------------------------------------- head init
 
 @torch.no_grad()
-def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int, seed: int = 0) -> dict:
+def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int, seed: int = 0,
+                        text: bool = True) -> dict:
     """Data-dependent init: remove the features' common direction from both latent heads.
 
     At initialisation every report's [CLS] state (BERT anisotropy; the reports share most sentences) and every
@@ -243,39 +265,41 @@ def center_latent_heads(model, dataset, prefix: FrozenTextPrefix | None, n: int,
     idx = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False).tolist()
     was_training = model.training
     model.eval()
-    volumes, texts = [], []
-    for i in idx:
-        v = dataset[i][0]
-        volumes.append(v)
-        rec = dataset.cache.records[i] if hasattr(dataset, "cache") else None
-        texts.extend([rec[k] for k in ("report", "query", "real_report") if rec.get(k)] if rec else [dataset[i][1]])
+    volumes = [dataset[i][0] for i in idx]
     pooled = torch.cat([model.image_tokens(torch.stack(volumes[j:j + 8])).flatten(1)
                         for j in range(0, len(volumes), 8)])
-    cls = []
-    for j in range(0, len(texts), 16):
-        chunk = texts[j:j + 16]
-        if prefix is not None:
-            cls.append(prefix.features(*prefix.hidden(chunk)))
-            continue
-        tok = model.tokenize(chunk)
-        h = model.text_transformer(**tok).last_hidden_state
-        cls.append(h[:, 0])
-    cls = torch.cat(cls)
+    sides = [("image", model.to_visual_latent, pooled)]
+    if text:     # (text=False: a frozen, already trained text side keeps its head)
+        sides.append(("text", model.to_text_latent, _cls_features(model, dataset, idx, prefix)))
 
     def mean_cos(x, head):
         z = F.normalize(head(x), dim=-1)
         s = z @ z.t()
         return float((s.sum() - s.diag().sum()) / (len(z) ** 2 - len(z)))
 
-    stats = {"image_cos_before": mean_cos(pooled, model.to_visual_latent),
-             "text_cos_before": mean_cos(cls, model.to_text_latent)}
-    for head, feats in ((model.to_visual_latent, pooled), (model.to_text_latent, cls)):
+    stats = {f"{name}_cos_before": mean_cos(feats, head) for name, head, feats in sides}
+    for name, head, feats in sides:
         m = F.normalize(feats.mean(0), dim=0)
         head.weight -= (head.weight @ m)[:, None] * m[None, :]
-    stats.update(image_cos_after=mean_cos(pooled, model.to_visual_latent),
-                 text_cos_after=mean_cos(cls, model.to_text_latent))
+        stats[f"{name}_cos_after"] = mean_cos(feats, head)
     model.train(was_training)
     return {k: round(v, 4) for k, v in stats.items()}
+
+
+def _cls_features(model, dataset, idx: list[int], prefix: FrozenTextPrefix | None) -> torch.Tensor:
+    """The text tower's [CLS] features of every text of the studies `idx` (before the latent head)."""
+    texts = []
+    for i in idx:
+        rec = dataset.cache.records[i] if hasattr(dataset, "cache") else None
+        texts.extend([rec[k] for k in ("report", "query", "real_report") if rec.get(k)] if rec else [dataset[i][1]])
+    cls = []
+    for j in range(0, len(texts), 16):
+        chunk = texts[j:j + 16]
+        if prefix is not None:
+            cls.append(prefix.features(*prefix.hidden(chunk)))
+            continue
+        cls.append(model.text_transformer(**model.tokenize(chunk)).last_hidden_state[:, 0])
+    return torch.cat(cls)
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -310,6 +334,65 @@ def init_from_checkpoint(model, directory: Path) -> list[str]:
     return added
 
 
+TEXT_SIDE_MARKS = ("text_transformer.", "to_text_latent.", "temperature")
+
+
+def init_text_from_checkpoint(model, directory: Path) -> int:
+    """Copy the text side of a saved CT CLIP (its text tower, text latent head and temperature) into the fresh
+    model; the image side stays fresh. Returns the number of tensors copied."""
+    from engine.errors import UserError
+    saved = _saved_state(Path(directory))
+    own = model.state_dict()
+    text = {k: v for k, v in saved.items() if k.startswith(TEXT_SIDE_MARKS)}
+    bad = [k for k, v in text.items() if k not in own or own[k].shape != v.shape]
+    if not text or bad:
+        raise UserError(f"'{directory}' has another text side than this preset "
+                        f"({len(bad) if text else 'no'} text tensors differ{', e.g. ' + bad[0] if bad else ''}).")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in text.items()}, strict=False)
+    return len(text)
+
+
+def freeze_text_side(model) -> None:
+    """The text tower and its latent head take no gradient (the temperature still learns)."""
+    for p in list(model.text_transformer.parameters()) + list(model.to_text_latent.parameters()):
+        p.requires_grad_(False)
+
+
+class TextLatentTable:
+    """The frozen text side's unit latent of every distinct text, computed once (eval mode, no grad, batches sorted
+    by length so little is padded, tqdm bar) and kept in OUT/text_latents.safetensors with the texts' sha1 keys, so
+    a resumed run reads it back. Exact: with the tower frozen, a table lookup equals CTCLIP.encode_text."""
+
+    def __init__(self, model, texts: list[str], path: Path, batch_size: int = 32, progress: bool = True):
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+        self.key = lambda t: hashlib.sha1(t.encode()).hexdigest()
+        texts = list(dict.fromkeys(texts))
+        path = Path(path)
+        stored = load_file(str(path)) if path.is_file() else {}
+        missing = [t for t in texts if self.key(t) not in stored]
+        if missing:
+            from tqdm import tqdm
+            was_training = model.training
+            model.eval()
+            order = sorted(missing, key=len)
+            with torch.no_grad():
+                for j in tqdm(range(0, len(order), batch_size), desc="text latents (frozen text side)",
+                              unit="batch", disable=not progress):
+                    chunk = order[j:j + batch_size]
+                    for t, z in zip(chunk, model.encode_text(**model.tokenize(chunk)).float().cpu()):
+                        stored[self.key(t)] = z.clone()
+            model.train(was_training)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(stored, str(path))
+        self.latents = stored
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(B, latent) float32 unit latents of `texts` (each must be in the table)."""
+        return torch.stack([self.latents[self.key(t)] for t in texts])
+
+
 def init_from_additions(model, directory: Path) -> list[str]:
     """The names init_from_checkpoint reported as added when the run started (for a resumed continued run)."""
     return sorted(set(model.state_dict()) - set(_saved_state(Path(directory))))
@@ -342,25 +425,35 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         cfg = with_feature_statistics(cfg, dataset, Path(out_dir))
     model = build_model(cfg)
     added = ()
+    if cfg.frozen_text and not cfg.init_text_from:
+        raise ValueError("frozen_text needs init_text_from (a CT CLIP whose text side is trained, e.g. assets/ctclip)")
     if cfg.init_from and not loop.resuming:   # before anything is written: a bad --init-from leaves OUT untouched
         added = tuple(init_from_checkpoint(model, Path(cfg.init_from)))
         if added and d.main:
             print(f"continued from {cfg.init_from}; zero-initialised additions: {', '.join(added)}", flush=True)
+    if cfg.init_text_from and not loop.resuming:
+        n_copied = init_text_from_checkpoint(model, Path(cfg.init_text_from))
+        if d.main:
+            print(f"text side ({n_copied} tensors) from {cfg.init_text_from}", flush=True)
     loop.write_run_config(asdict(cfg))
     if dataset is None:   # the model's own input preparation (what its checkpoint folder will say)
         dataset = make_dataset(cfg, model.preprocessing, cache_root, d, progress)
 
     freeze_unused(model)
+    table = None
+    if cfg.frozen_text:
+        freeze_text_side(model)
+        table = text_latent_table(model, dataset, Path(out_dir), progress and d.main)
     prefix = FrozenTextPrefix(model, cfg.frozen_text_layers, cfg.text_max_length, cfg.cache_text) \
-        if cfg.frozen_text_layers else None
+        if cfg.frozen_text_layers and not cfg.frozen_text else None
     if cfg.center_heads and not loop.resuming and not cfg.init_from:
-        stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed)
+        stats = center_latent_heads(model, dataset, prefix, cfg.center_heads, cfg.seed, text=not cfg.frozen_text)
         if d.main:
             print(f"centred latent heads: {stats}", flush=True)
     from engine.labels import LABELS
     inner = ContrastiveStep(model, prefix, cls_only_top_layer=cfg.cls_only_top_layer and prefix is not None,
                             n_labels=len(LABELS) if cfg.label_loss_weight else 0,
-                            token_loss=cfg.token_loss_weight > 0).to(d.device)
+                            token_loss=cfg.token_loss_weight > 0, text_given=cfg.frozen_text).to(d.device)
     if cfg.init_from and loop.resuming:    # resuming a continued run: the same parameter groups as when it started
         added = tuple(init_from_additions(model, Path(cfg.init_from)))
 
@@ -378,15 +471,32 @@ def train(cfg: TrainConfig, out_dir: Path, cache_root: Path | None = None, resum
         acc = float((logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean())
         return {"batch_acc_i2t": acc, "logit_scale": float(model.logit_scale.detach())}
 
-    return loop.run(inner, make_optimizer, dataset, collate=collate, inputs=step_inputs(cfg, model, prefix, d.device),
+    return loop.run(inner, make_optimizer, dataset, collate=collate,
+                    inputs=step_inputs(cfg, model, prefix, d.device, table),
                     logs=logs, shard_units=shard_units(model) if cfg.fsdp else (),
                     on_checkpoint=lambda: model.save_pretrained(Path(out_dir) / "model"))
 
 
-def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device: torch.device):
+def text_latent_table(model, dataset, out_dir: Path, progress: bool) -> TextLatentTable:
+    """Every text a step can draw (each study's report, query and real report) and the 36 zero-shot prompts (the
+    token loss's focal prompts are among them), encoded once into OUT/text_latents.safetensors."""
+    from engine.models.ctclip import all_zero_shot_prompts
+    records = dataset.cache.records
+    texts = [r[k] for r in records for k in ("report", "query", "real_report") if r.get(k)]
+    return TextLatentTable(model, texts + all_zero_shot_prompts(), out_dir / "text_latents.safetensors",
+                           progress=progress)
+
+
+def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device: torch.device,
+                table: "TextLatentTable | None" = None):
     """A collated batch (volumes, texts[, texts2][, labels]) -> ContrastiveStep's (args, kwargs) on `device`: the
-    texts as cached hidden states after the frozen layers (with a FrozenTextPrefix) or token ids."""
+    texts as their latents (frozen text side: a TextLatentTable), as cached hidden states after the frozen layers
+    (with a FrozenTextPrefix) or as token ids."""
+    from engine.models.ctclip import all_zero_shot_prompts
+
     def text_inputs(texts):
+        if table is not None:
+            return table(texts).to(device), None
         if prefix is not None:
             a, b = prefix.hidden(texts)
         else:
@@ -405,9 +515,14 @@ def step_inputs(cfg: TrainConfig, model, prefix: FrozenTextPrefix | None, device
                      "token_loss_weight": cfg.token_loss_weight}
         labels = rest.pop().to(device) if rest and isinstance(rest[-1], torch.Tensor) else None
         text2 = text_inputs(rest[0]) if rest and cfg.text_text_weight else (None, None)
+        rule = {}
+        if cfg.prompt_label_loss_weight:
+            zero_shot_a, zero_shot_b = text_inputs(all_zero_shot_prompts())
+            rule = {"zero_shot_a": zero_shot_a, "zero_shot_b": zero_shot_b,
+                    "prompt_label_loss_weight": cfg.prompt_label_loss_weight}
         return ((volumes.to(device, non_blocking=True), *text_inputs(texts), *text2),
                 {"text_text_weight": cfg.text_text_weight, "labels": labels,
-                 "label_loss_weight": cfg.label_loss_weight, **token})
+                 "label_loss_weight": cfg.label_loss_weight, **token, **rule})
     return inputs
 
 

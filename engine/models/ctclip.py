@@ -49,11 +49,17 @@ def all_zero_shot_prompts(labels=LABELS) -> list[str]:
     return [p for label in labels for p in zero_shot_prompts(label)]
 
 
+def zero_shot_logits(image_latents: torch.Tensor, prompt_latents: torch.Tensor, scale) -> torch.Tensor:
+    """The zero-shot rule as logits (n, labels): scale * (cos(image, present) - cos(image, not present)); a softmax
+    over a pair of logits is the sigmoid of their difference. image_latents (n, latent) and prompt_latents
+    (labels, 2, latent), all unit norm. Training's prompt-label loss is a BCE on exactly these."""
+    cos = torch.einsum("nd,lpd->nlp", image_latents, prompt_latents)
+    return scale * (cos[..., 0] - cos[..., 1])
+
+
 def zero_shot_probabilities(image_latents: torch.Tensor, prompt_latents: torch.Tensor, scale: float) -> torch.Tensor:
-    """P(present) (n, labels): softmax over each label's prompt pair of scale * cosine (CT-CLIP's rule).
-    image_latents (n, latent) and prompt_latents (labels, 2, latent), all unit norm."""
-    logits = scale * torch.einsum("nd,lpd->nlp", image_latents, prompt_latents)
-    return torch.softmax(logits, dim=-1)[..., 0]
+    """P(present) (n, labels): softmax over each label's prompt pair of scale * cosine (CT-CLIP's rule)."""
+    return torch.sigmoid(zero_shot_logits(image_latents, prompt_latents, scale))
 
 
 @dataclass
@@ -226,15 +232,30 @@ class CTCLIP(PretrainedModel):
         (b, t, h, w, d) -> shares (b, t, h, w) (depth pooling is a mean: each slab token counts 1/t).
         score = <v / |v|, q> with v = W x = sum_k W_k x_k, so token k contributes <W_k x_k, q> / |v|.
         text_latent (latent,) or (b, latent), unit norm. Multiply by `logit_scale` for the share of the logit."""
+        if text_latent.ndim == 1:
+            return self.token_score_maps(tokens, text_latent[None])[..., 0]
         pooled = tokens.mean(dim=1) if tokens.ndim == 5 else tokens
         b, h, w, d = pooled.shape
         weight = self.to_visual_latent.weight.view(-1, h, w, d)  # (latent, h, w, d)
-        q = text_latent.expand(b, -1) if text_latent.ndim == 1 else text_latent
+        q = text_latent
         back = torch.einsum("bl,lhwd->bhwd", q.to(weight.dtype), weight)  # q^T W_k per token
         norm = self.to_visual_latent(pooled.flatten(1)).norm(dim=-1)  # |v|
         if tokens.ndim == 5:
             return (back[:, None] * tokens).sum(-1) / (tokens.shape[1] * norm[:, None, None, None])
         return (back * tokens).sum(-1) / norm[:, None, None]
+
+    def token_score_maps(self, tokens: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
+        """token_scores of several text latents at once: tokens (b, [t,] h, w, d), prompt_latents (p, latent) unit
+        norm -> shares (b, [t,] h, w, p), each map summing to that prompt's cosine score (one pass, not p)."""
+        pooled = tokens.mean(dim=1) if tokens.ndim == 5 else tokens
+        b, h, w, d = pooled.shape
+        weight = self.to_visual_latent.weight.view(-1, h, w, d)  # (latent, h, w, d)
+        back = torch.einsum("pl,lhwd->hwdp", prompt_latents.to(weight.dtype), weight)  # q^T W_k per token
+        norm = self.to_visual_latent(pooled.flatten(1)).norm(dim=-1)  # |v| (b,)
+        if tokens.ndim == 5:
+            shares = torch.einsum("bthwd,hwdp->bthwp", tokens, back) / tokens.shape[1]
+            return shares / norm[:, None, None, None, None]
+        return torch.einsum("bhwd,hwdp->bhwp", tokens, back) / norm[:, None, None, None]
 
     # -------------------------------------------------------------------------------------------------- CLIP
     @property

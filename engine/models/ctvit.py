@@ -100,7 +100,7 @@ class CTViTConfig(ModelConfig):
         """The demo encoder on frozen per-token features (issue 12): the demo CT-ViT's transformers and token grid
         (8 x 8 x 8 of 8 x 16 x 16 voxels), no patch or density embedding. feature_mean / feature_std start empty
         (identity) and are set by the trainer from its cache."""
-        return cls(dim=192, input_shape=(64, 128, 128), patch_size=16, temporal_patch_size=8, spatial_depth=2,
+        return cls(dim=128, input_shape=(64, 128, 128), patch_size=16, temporal_patch_size=8, spatial_depth=2,
                    temporal_depth=2, heads=4, dim_head=32, use_vq=False, official_decoder_heads=False,
                    family="token_features", token_feature_preset=preset)
 
