@@ -103,13 +103,14 @@ class TrainConfig:
 
     @classmethod
     def demo_token_features(cls) -> "TrainConfig":
-        """The demo recipe on the token-feature encoder: the image side costs milliseconds per step (features cached
-        once per phantom), so more steps fit; + the token-level loss on the focal findings' masks."""
+        """The demo recipe on the token-feature encoder: features cached once per phantom and the frozen text side's
+        latents once per text, so a step is the image side only (about 1 s here instead of 10-16); + the zero-shot
+        rule and the token-level loss on the focal findings' masks as training terms (weights: docs/training.md)."""
         return replace(cls.demo(), vision="token_features", steps=20_000, time_budget_s=60 * 60, lr=5e-4,
-                       warmup_steps=100, token_loss_weight=1.0, n_token_masks=600,
+                       warmup_steps=100, token_loss_weight=2.0, n_token_masks=600,
                        # the text side of the shipped CT CLIP, frozen (docs/training.md: why)
                        frozen_text=True, init_text_from=str(ctclip_dir()), text_text_weight=0.0,
-                       prompt_label_loss_weight=1.0)
+                       prompt_label_loss_weight=4.0)
 
     @classmethod
     def paper(cls) -> "TrainConfig":
