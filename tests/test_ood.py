@@ -80,6 +80,22 @@ def test_statistics_files_round_trip_and_belong_to_one_model(tmp_path):
     assert UNKNOWN.to_json() == {"in_distribution": None, "ood_score": None} and UNKNOWN.warning is None
 
 
+def test_calibration_seeds_are_their_own_range():
+    """The threshold's held-out phantoms share no seed with training (generated or real-report, retries included),
+    with the ctclip-eval test split or with the demo library."""
+    from training.ctclip_data import (CALIBRATION_SEED_BASE, LIBRARY_SEED_MIN, REAL_RETRIES, REAL_RETRY_STRIDE,
+                                      REAL_SEED_BASE, TEST_SEED_BASE, CachePlan)
+    plan = CachePlan("calibration", 100_000)
+    seeds = [plan.job(i)["seed"] for i in (0, 99_999)]
+    assert seeds == [CALIBRATION_SEED_BASE, TEST_SEED_BASE - 1]
+    assert REAL_SEED_BASE + 799 + (REAL_RETRIES - 1) * REAL_RETRY_STRIDE < CALIBRATION_SEED_BASE
+    assert CachePlan("test", 100_000).job(99_999)["seed"] < LIBRARY_SEED_MIN
+    with pytest.raises(ValueError):
+        CachePlan("calibration", 100_001)
+    with pytest.raises(ValueError):
+        CachePlan("calibration", 10, n_real=2)
+
+
 # --------------------------------------------------------------------------------- checkpoint copies and the CLI
 
 def checkpoint_copy(root: Path) -> Path:
