@@ -121,7 +121,7 @@ def read_findings(models: CTClipModels, volume, truth: dict | None = None):
     sentences = [f"Caution: {w}" for w in reading_caveats(volume)]
     if check.flagged:
         sentences.append(OUT_OF_DISTRIBUTION)
-    elif truth is None and models.preset == "demo":   # the user's own CT: what the demo model can and cannot read
+    if truth is None and models.preset == "demo":   # the user's own CT: say what the demo model can and cannot read
         sentences.append(DEMO_ON_REAL_CT)
     return _note(sentences), gr.Plot(value=figure, visible=True)
 
