@@ -19,31 +19,41 @@ from engine.labels import LABELS
 PRESENT_COLOUR = "#e4572e"    # a label the study's report states (Library, Find CTs)
 ABSENT_COLOUR = "#9db4cc"     # a label the report does not state
 UNKNOWN_COLOUR = "#0284c7"    # an uploaded CT: no report to compare with
+GREYED_COLOUR = "#cbd5e1"     # every bar of a scan the out-of-distribution check flags (engine/ood.py)
+GREYED_TEXT_COLOUR = "#94a3b8"
 WAITING = "Reading the CT's findings…"
 DEMO_ON_REAL_CT = ("The demo CT CLIP learned from simulated phantom CTs, so on a real scan these bars are not "
                    "calibrated; for CT-CLIP's own reading run "
                    "`python app.py --preset paper --weights DIR`.")
+OUT_OF_DISTRIBUTION = ("This scan does not look like the phantoms the demo model learned from; the bars are shown "
+                       "greyed and should not be read as findings.")
 
 
 # --------------------------------------------------------------------------------------------------- the chart
 
 def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
-                     thresholds: dict[str, float] | None = None) -> go.Figure:
+                     thresholds: dict[str, float] | None = None, out_of_distribution: bool = False) -> go.Figure:
     """18 horizontal bars, P(present) per label in CT-CLIP order (top to bottom), a dashed line at 0.5.
 
     With `truth` (label -> 0|1 from the study's report) the bars are coloured by it, so a user compares the model's
     reading with the report at a glance. With `thresholds` (label -> P, from the checkpoint's held-out evaluation)
-    each bar carries a black tick where that label's decision line is: a bar past its tick reads "present"."""
+    each bar carries a black tick where that label's decision line is: a bar past its tick reads "present".
+    With `out_of_distribution` (the scan was flagged by the CT CLIP's check) every bar is grey, without threshold
+    ticks, and the title says the bars are not findings."""
     labels = list(LABELS)
     probs = np.array([float(probabilities[label]) for label in labels])
     groups = ([("stated in the report", PRESENT_COLOUR, 1), ("not in the report", ABSENT_COLOUR, 0)] if truth
               else [("P(present)", UNKNOWN_COLOUR, None)])
+    if out_of_distribution:     # keep the report's grouping (legend) but no colour that reads as a finding
+        groups = [(name, GREYED_COLOUR, value) for name, _, value in groups]
+        thresholds = None
     fig = go.Figure()
     for name, colour, value in groups:
         keep = [i for i, label in enumerate(labels) if value is None or int(truth.get(label, 0)) == value]
         fig.add_trace(go.Bar(
             x=probs[keep], y=[labels[i] for i in keep], orientation="h", name=name, marker_color=colour,
             text=[f"{probs[i]:.0%}" for i in keep], textposition="outside", cliponaxis=False,
+            textfont=dict(color=GREYED_TEXT_COLOUR) if out_of_distribution else None,
             hovertemplate="%{y}: P(present) = %{x:.3f}<extra></extra>"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#64748b", line_width=1)
     marked = [label for label in labels if thresholds and label in thresholds]
@@ -55,8 +65,10 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
     fig.update_layout(
         height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10),
         barmode="overlay",
-        bargap=0.25, title=dict(text="CT CLIP zero-shot reading: P(present) per label", font=dict(size=14), x=0.01,
-                                y=0.99, yanchor="top"),
+        bargap=0.25, title=dict(text="CT CLIP zero-shot reading: P(present) per label"
+                                + (" (out of distribution: not findings)" if out_of_distribution else ""),
+                                font=dict(size=14, color=GREYED_TEXT_COLOUR if out_of_distribution else None),
+                                x=0.01, y=0.99, yanchor="top"),
         xaxis=dict(range=[0, 1.1], tickformat=".0%", dtick=0.25, title=None, fixedrange=True),
         yaxis=dict(categoryorder="array", categoryarray=labels, autorange="reversed", title=None, fixedrange=True,
                    tickfont=dict(size=12)),
@@ -96,16 +108,19 @@ def _note(sentences: list[str]) -> gr.Markdown:
 
 def read_findings(models: CTClipModels, volume, truth: dict | None = None):
     """(note, plot) updates: the zero-shot bars for `volume`, or one sentence when there is no model or CT. The note
-    carries the CT's reading warnings above the bars (the CLI's zeroshot returns the same ones)."""
+    carries the CT's reading warnings above the bars (the CLI's zeroshot returns the same ones); when the CT CLIP's
+    out-of-distribution check flags the scan, the bars are greyed and the note says so in one sentence."""
     if volume is None:
         return gr.Markdown("Open a CT to read its findings.", visible=True), gr.Plot(value=None, visible=False)
     try:
         pipeline = models.pipeline()
-        probabilities = pipeline.zero_shot(volume)
+        probabilities, check = pipeline.zero_shot_checked(volume)
     except UserError as err:
         return gr.Markdown(str(err), visible=True), gr.Plot(value=None, visible=False)
-    figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds)
+    figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds, out_of_distribution=check.flagged)
     sentences = [f"Caution: {w}" for w in reading_caveats(volume)]
+    if check.flagged:
+        sentences.append(OUT_OF_DISTRIBUTION)
     if truth is None and models.preset == "demo":   # the user's own CT: say what the demo model can and cannot read
         sentences.append(DEMO_ON_REAL_CT)
     return _note(sentences), gr.Plot(value=figure, visible=True)

@@ -136,12 +136,16 @@ def cmd_zeroshot(args) -> dict:
     volume = read_ct(args.ct)  # before loading any model: a bad file answers at once
     started = time.perf_counter()
     pipeline = _pipeline(args)
-    findings = pipeline.zero_shot(volume)
-    return {"findings": findings, "model_id": pipeline.model_id, "warnings": volume.warnings,
+    findings, check = pipeline.zero_shot_checked(volume)
+    # in_distribution / ood_score: engine/ood.py (ood_score = Mahalanobis distance / calibrated threshold; null when
+    # the checkpoint has no latent statistics); a flagged scan's answer says so in one more warning
+    return {"findings": findings, **check.to_json(), "model_id": pipeline.model_id,
+            "warnings": volume.warnings + ([check.warning] if check.flagged else []),
             "elapsed_s": round(time.perf_counter() - started, 4)}
 
 
 def cmd_index(args) -> dict:
+    from engine.ood import UNKNOWN
     from engine.study_library import user_library_folder
 
     user_library_folder(args.library)
@@ -155,7 +159,9 @@ def cmd_index(args) -> dict:
         sid, new = library.index_file(path)  # each file commits on its own: an interrupted run keeps what it did
         study = library.user_index.get(sid)  # the warnings of the reading were stored with the study
         warnings = list((study.meta or {}).get("warnings", [])) if study is not None else []
-        added.append({"id": sid, "path": str(Path(path).resolve()), "added": new, "warnings": warnings})
+        check = pipeline.distribution_check(study.embedding) if study is not None else UNKNOWN   # engine/ood.py
+        added.append({"id": sid, "path": str(Path(path).resolve()), "added": new, **check.to_json(),
+                      "warnings": warnings + ([check.warning] if check.flagged else [])})
     return {"indexed": added, "library": str(library.user_dir), "size": len(library.user_index),
             "model_id": pipeline.model_id}
 

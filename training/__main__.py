@@ -5,6 +5,8 @@
                               [--vision ctvit|token_features] [--n-train-generated N] [--n-train-real N]
                               [--n-token-masks N]
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
+    python -m training ctclip-ood --checkpoint assets/ctclip [--cache DIR] [--n-fit N] [--n-calibrate M] [--n-test T]
+                                  [--quantile Q] [--workers W]      (after ctclip-eval: it merges into metrics.json)
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE] [--n-test N]
     python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
@@ -68,6 +70,15 @@ def _ctclip_eval(args) -> int:
     metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test=args.n_test)
     print(json.dumps({k: metrics[k] for k in ("zero_shot_macro_auroc", "recall_at_10", "map_at_10")
                       if k in metrics}))
+    return 0
+
+
+def _ctclip_ood(args) -> int:
+    from training.ctclip_ood import fit_ood
+    block = fit_ood(Path(args.checkpoint), cache_root=args.cache, n_fit=args.n_fit, n_calibrate=args.n_calibrate,
+                    n_test=args.n_test, quantile=args.quantile, workers=args.workers)
+    print(json.dumps({k: block[k] for k in ("threshold", "calibration_flag_rate", "test", "real_ct_flagged")
+                      if k in block}))
     return 0
 
 
@@ -266,6 +277,17 @@ def main(argv=None) -> int:
     e.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
     e.add_argument("--n-test", type=int, default=300, help="held-out studies evaluated (the first N that render)")
     e.set_defaults(func=_ctclip_eval)
+    o = sub.add_parser("ctclip-ood", help="fit a CT CLIP checkpoint's out-of-distribution check (latent "
+                       "statistics on training phantoms, threshold on held-out ones) and measure it")
+    o.add_argument("--checkpoint", default=str(settings.ASSETS / "ctclip"))
+    o.add_argument("--cache", help="phantom cache directory (default cache/ctclip-demo: its train/ and test/ are "
+                   "reused when they hold enough studies; calibration/ holds seeds 800000 + i)")
+    o.add_argument("--n-fit", type=int, default=1000, help="training phantoms the mean and covariance are fitted on")
+    o.add_argument("--n-calibrate", type=int, default=400, help="held-out phantoms the threshold is calibrated on")
+    o.add_argument("--n-test", type=int, default=300, help="ctclip-eval test studies whose flag rate is measured")
+    o.add_argument("--quantile", type=float, default=0.99, help="threshold = this quantile of the held-out distances")
+    o.add_argument("--workers", type=int, default=2, help="phantom rendering processes")
+    o.set_defaults(func=_ctclip_ood)
     x = sub.add_parser("ctclip-export", help="copy a run's model to assets/ctclip (float16)")
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))

@@ -12,6 +12,8 @@ Seeds (every phantom is f(seed, findings), so disjoint seeds mean unseen studies
 - training studies for real reports: seeds REAL_SEED_BASE + row,       row in [0, 800)  (the CSV row); when the
   phantom cannot draw a seed's findings, REAL_SEED_BASE + row + k * 1000 (k < 5). A generated seed that fails is
   logged as {"failed": message} and skipped.
+- held-out calibration studies:      seeds CALIBRATION_SEED_BASE + i,  i in [0, 100_000)  (the out-of-distribution
+  check's threshold, training/ctclip_ood.py: unseen by training, by the check's fit and by the test split)
 - held-out test studies:             seeds TEST_SEED_BASE + i,         i in [0, 100_000)
 - the demo library (engine/library.py) uses seeds >= 1_000_000; nothing here comes near it.
 
@@ -44,6 +46,7 @@ from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume
 
 TRAIN_SEED_BASE = 0
 REAL_SEED_BASE = 500_000
+CALIBRATION_SEED_BASE = 800_000
 TEST_SEED_BASE = 900_000
 LIBRARY_SEED_MIN = 1_000_000
 REAL_RETRY_STRIDE = 1_000          # a real row whose phantom cannot be drawn retries seed + k * 1000 (k < 5)
@@ -51,11 +54,16 @@ REAL_RETRIES = 5
 TEST_PLAN_SIZE = 320               # test seeds rendered; evaluation uses the first 300 that render
 AIR_HU = -1000
 
+# generated studies of each split: seeds [start, end)
+SPLIT_SEED_RANGES = {"train": (TRAIN_SEED_BASE, REAL_SEED_BASE),
+                     "calibration": (CALIBRATION_SEED_BASE, TEST_SEED_BASE),
+                     "test": (TEST_SEED_BASE, LIBRARY_SEED_MIN)}
+
 
 @dataclass
 class CachePlan:
     """What a cache directory holds. Grid (z, y, x) voxels and spacing (x, y, z) mm are the phantom's render grid."""
-    split: str                      # "train" | "test"
+    split: str                      # "train" | "calibration" | "test"
     n_generated: int
     n_real: int = 0                 # first n_real rows of the real-report CSV (train only)
     shape_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX
@@ -64,12 +72,12 @@ class CachePlan:
     def __post_init__(self):
         self.shape_zyx = tuple(int(v) for v in self.shape_zyx)
         self.spacing_xyz = tuple(float(v) for v in self.spacing_xyz)
-        if self.split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', not {self.split!r}")
-        if self.split == "test" and self.n_real:
-            raise ValueError("the test split holds generated studies only (the real reports are training text)")
-        seed_base = TRAIN_SEED_BASE if self.split == "train" else TEST_SEED_BASE
-        if seed_base + self.n_generated > (REAL_SEED_BASE if self.split == "train" else LIBRARY_SEED_MIN):
+        if self.split not in SPLIT_SEED_RANGES:
+            raise ValueError(f"split must be one of {sorted(SPLIT_SEED_RANGES)}, not {self.split!r}")
+        if self.split != "train" and self.n_real:
+            raise ValueError("only the train split holds real-report studies (the real reports are training text)")
+        seed_base, seed_end = SPLIT_SEED_RANGES[self.split]
+        if seed_base + self.n_generated > seed_end:
             raise ValueError("too many generated studies for the split's seed range")
 
     @property
@@ -79,7 +87,7 @@ class CachePlan:
     def job(self, index: int) -> dict:
         """The seed, kind and (for real rows) CSV row of study `index`."""
         if index < self.n_generated:
-            base = TRAIN_SEED_BASE if self.split == "train" else TEST_SEED_BASE
+            base = SPLIT_SEED_RANGES[self.split][0]
             return {"index": index, "seed": base + index, "kind": "generated", "row": None}
         row = index - self.n_generated
         return {"index": index, "seed": REAL_SEED_BASE + row, "kind": "real", "row": row}

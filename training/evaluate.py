@@ -501,6 +501,21 @@ def linear_probe_auroc(features, labels, names: Sequence[str] = LABELS, *, fit_f
             "fitted_on": len(fit_features) if fit_features is not None else f"{folds}-fold"}
 
 
+def merge_metrics_json(path, key: str, block: dict, *, digits: int = 4) -> dict:
+    """Set one top-level `key` of an existing metrics.json to `block` (rounded as write_metrics_json rounds), every
+    other key and the "meta" block kept as they are (a later figure next to the evaluation's, not a new
+    evaluation). The block records its own date and git commit. Atomic. Returns the whole document."""
+    path = Path(path)
+    document = json.loads(path.read_text()) if path.is_file() else {}
+    stamp = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit()}
+    document[key] = _to_json({**block, **stamp}, digits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return document
+
+
 def write_metrics_json(path, metrics: dict, *, n: int | None = None, digits: int = 4, **meta) -> dict:
     """Write `metrics` as JSON (NaN -> null, floats rounded to `digits`) with a "meta" block
     {n, date (UTC ISO 8601), git_commit (or null), **meta}. Atomic (temp file + rename). Returns what was written."""

@@ -7,6 +7,8 @@
         once per pipeline (the reference re-encodes them, and the volume, for every label)
     heat map: CTCLIP.token_scores on the unpooled (t, h, w) CT-ViT tokens (exact shares of the score), resampled
         onto the caller's volume grid
+    out-of-distribution check: Mahalanobis distance of the image latent to the training latents, from the
+        checkpoint folder's latent statistics (engine/ood.py); unknown when the folder has none
 Calls that take time follow engine/pipelines/base.py (progress, cancel; the CT CLIP is deterministic: no seed).
 Retrieval over the studies lives in engine/study_library.py.
 """
@@ -132,11 +134,34 @@ class CTClipPipeline:
         except (ValueError, KeyError, TypeError):
             return {}
 
+    @cached_property
+    def latent_statistics(self):
+        """The checkpoint's training-latent statistics (engine.ood.LatentStatistics), or None when its folder has
+        none (or has statistics of other weights): every distribution check then answers unknown."""
+        from engine.ood import LatentStatistics
+
+        return LatentStatistics.load(self.directory, self.model_id)
+
+    def distribution_check(self, image_latent: np.ndarray):
+        """Is the scan whose image latent this is like the training phantoms? engine.ood.DistributionCheck
+        (in_distribution True/False, ood_score = distance / calibrated threshold), or engine.ood.UNKNOWN."""
+        from engine.ood import UNKNOWN
+
+        stats = self.latent_statistics
+        return UNKNOWN if stats is None else stats.check(image_latent)
+
     def zero_shot(self, volume: Volume, *, progress: ProgressCallback | None = None,
                   cancel: CancelSignal | None = None) -> dict[str, float]:
         """P(present) of each of the 18 labels for an HU volume."""
         latent = self.embed_volume(volume, progress=progress, cancel=cancel)
         return self.zero_shot_from_latent(latent)
+
+    def zero_shot_checked(self, volume: Volume, *, progress: ProgressCallback | None = None,
+                          cancel: CancelSignal | None = None):
+        """(P(present) per label, engine.ood.DistributionCheck) from one encoding of the volume: the reading and
+        whether it can be trusted (a flagged scan's bars are not findings)."""
+        latent = self.embed_volume(volume, progress=progress, cancel=cancel)
+        return self.zero_shot_from_latent(latent), self.distribution_check(latent)
 
     # ---------------------------------------------------------------------------------------------- heat map
     def heatmap(self, volume: Volume, text: str, *, progress: ProgressCallback | None = None,
