@@ -204,6 +204,15 @@ def _speech(args) -> int:
     if args.synthesis_budget_min is not None:
         overrides["synthesis_budget_cpu_s"] = 60.0 * args.synthesis_budget_min
     cfg = replace(cfg, **overrides)
+    if args.synthesis_only:
+        from engine.errors import UserError
+        from training.train_speech import synthesize_demo_clips
+        if cfg.preset != "demo":
+            raise UserError("--synthesis-only makes the demo preset's clips; the paper preset reads --audio-dir.")
+        budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
+        made = synthesize_demo_clips(cfg, cache_root=args.cache, budget_cpu_s=budget, threads=cfg.cpu_threads or 2)
+        print(json.dumps({"synthesis": made}))
+        return 0
     out = Path(args.out or settings.training_runs_dir() / f"speech-{cfg.preset}")
     summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "synthesis"} | {"synthesis": summary.get("synthesis")}))
@@ -278,6 +287,10 @@ def main(argv=None) -> int:
     s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
     s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    s.add_argument("--synthesis-only", action="store_true",
+                   help="demo: render the phantom splits and make every training and evaluation clip (Kokoro, "
+                   "espeak-ng) into the cache, then stop before any CT CLIP is loaded; resumable; no CPU limit "
+                   "unless --synthesis-budget-min is given")
     s.add_argument("--audio-dir", help="paper: audio files named by CT-RATE VolumeName")
     s.add_argument("--ct-latents", help="paper: frozen CT-CLIP latents (safetensors keyed by VolumeName)")
     s.add_argument("--reports-csv", help="paper: CT-RATE reports (VolumeName, Findings_EN) for the text teacher")

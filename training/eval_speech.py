@@ -60,15 +60,21 @@ def retrieval(latents: np.ndarray, studies: list[int], ct: np.ndarray, ks=(5, 10
     return recall_at_k(latents @ ct.T, np.asarray(studies), ks=ks)
 
 
+def prompt_clips(voice: str) -> list:
+    """The 36 zero-shot prompts in (label, pair) order, each read by `voice` at speed 1.0."""
+    from engine.models.ctclip import all_zero_shot_prompts
+    from training.speech_data import Clip
+
+    return [Clip(text, voice, 1.0) for text in all_zero_shot_prompts()]
+
+
 def spoken_zero_shot(model, synthesizer, ct: np.ndarray, labels: np.ndarray, scale: float, voice: str) -> dict:
     """Zero-shot metrics with the 36 prompts spoken by `voice` (CT-CLIP's rule on the frozen CT latents)."""
     import torch
 
-    from engine.models.ctclip import all_zero_shot_prompts, zero_shot_probabilities
-    from training.speech_data import Clip
+    from engine.models.ctclip import zero_shot_probabilities
 
-    prompts = [Clip(text, voice, 1.0) for text in all_zero_shot_prompts()]
-    latents = speech_latents(model, synthesizer, prompts).reshape(len(LABELS), 2, -1)
+    latents = speech_latents(model, synthesizer, prompt_clips(voice)).reshape(len(LABELS), 2, -1)
     probs = zero_shot_probabilities(torch.from_numpy(ct), torch.from_numpy(latents), scale).numpy()
     return zero_shot_metrics(probs, labels)
 
