@@ -13,7 +13,8 @@
                             [--n-test N] [--steps N] [--time-budget-min M] [--out DIR] [--cache DIR] [--resume]
     python -m training x2ct-eval --checkpoint runs/x2ct-demo/model [--cache DIR]
     python -m training speech --preset demo|paper [--distill-weight L | --no-distill] [--steps N] [--resume] ...
-    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N]
+    python -m training speech --preset demo --synthesis-only        # make the Kokoro/espeak-ng clips, then stop
+    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N] [--compare-no-distill DIR]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -224,7 +225,11 @@ def _speech_eval(args) -> int:
     budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
     metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test_studies=args.test_studies,
                        synthesis_budget_cpu_s=budget)
-    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k}))
+    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k or k == "targets"}))
+    if args.compare_no_distill:
+        from training.eval_speech import add_comparison
+        out = Path(args.out or Path(args.checkpoint) / "metrics.json")
+        print(add_comparison(out, Path(args.compare_no_distill) / "metrics.json"))
     return 0
 
 
@@ -301,6 +306,9 @@ def main(argv=None) -> int:
     v.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
     v.add_argument("--test-studies", type=int, default=100)
     v.add_argument("--synthesis-budget-min", type=float, help="CPU minutes for new Kokoro test clips (default: all)")
+    v.add_argument("--compare-no-distill", metavar="DIR",
+                   help="a --no-distill checkpoint already evaluated: write the paper's table (text teacher vs speech "
+                   "without / with distillation) into this checkpoint's metrics.json as 'comparison'")
     v.set_defaults(func=_speech_eval)
     args = parser.parse_args(argv)
     from engine.errors import UserError

@@ -237,8 +237,9 @@ def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, v
 def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
     them: the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap),
-    the test reports, then the training reports (about 90 s each, the bulk of the CPU)."""
-    from training.eval_speech import prompt_clips
+    the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, then the training
+    reports (about 90 s each, the bulk of the CPU)."""
+    from training.eval_speech import prompt_clips, real_report_clips
     from training.speech_data import ESPEAK_VOICES, EVAL_VOICES, TRAIN_VOICES
 
     def by_kind(split, voices, engine="kokoro"):
@@ -250,6 +251,7 @@ def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = Tr
     return [("train queries", train.get("query", [])), ("test queries", test.get("query", [])),
             ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
             ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
+            ("real reports (acceptance test)", [clip for _, clip in real_report_clips()]),
             ("test reports", test.get("report", [])), ("train reports", train.get("report", []))]
 
 
