@@ -29,7 +29,7 @@ K = 10
 FAKE_MICROPHONE = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 SECONDS_RE = re.compile(r"Ranking while you speak: ([0-9.]+) s")
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(720)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def dictation_wav(tmp_path_factory, speech_folder) -> Path:
 def app_url(tmp_path_factory, speech_folder):
     scratch = tmp_path_factory.mktemp("dictate_app")
     env = {"CT_WORKSTATION_LIBRARY": str(scratch / "user_library"), "CT_SPEECH_DIR": str(speech_folder)}
-    with running_app(scratch / "app.log", env, start_timeout_s=300) as url:
+    with running_app(scratch / "app.log", env, start_timeout_s=600) as url:
         yield url
 
 
