@@ -94,7 +94,8 @@ def music(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
     scale = 440.0 * 2 ** (np.array([0, 2, 4, 5, 7, 9, 11, 12]) / 12)
     for start in range(0, t.size, note):
         f, tt = scale[rng.integers(len(scale))], t[: min(note, t.size - start)]
-        melody[start:start + tt.size] = sum(0.25 / h * np.sin(2 * np.pi * f * h * tt) for h in (1, 2, 3)) * np.exp(-6 * tt)
+        harmonics = sum(0.25 / h * np.sin(2 * np.pi * f * h * tt) for h in (1, 2, 3))
+        melody[start:start + tt.size] = harmonics * np.exp(-6 * tt)
     return np.stack([chord + melody] * 2, axis=1).astype(np.float32)
 
 

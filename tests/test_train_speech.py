@@ -108,7 +108,8 @@ def test_comparison_table_is_written_into_the_distilled_metrics(tmp_path):
     def metrics(text_zs, speech_zs, r10, ctclip="ctclip-a"):
         return {"ctclip": ctclip, "n_test_studies": 100, "text_zero_shot_macro_auroc": text_zs,
                 "speech_zero_shot": {"macro": {"auroc": speech_zs}},
-                "text_report_recall": {"R@5": 0.5, "R@10": 0.7}, "speech_report_recall": {"R@5": r10 - 0.1, "R@10": r10},
+                "text_report_recall": {"R@5": 0.5, "R@10": 0.7},
+                "speech_report_recall": {"R@5": r10 - 0.1, "R@10": r10},
                 "text_query_recall": {"R@10": 0.6}, "speech_query_recall": {"R@10": r10 / 2}}
     distilled, plain = tmp_path / "distilled.json", tmp_path / "plain" / "metrics.json"
     plain.parent.mkdir()
