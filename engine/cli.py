@@ -273,7 +273,8 @@ def add_x2ct_parsers(verb, model_options) -> None:
 def _speech_pipeline(args):
     from engine.pipelines.speech import SpeechPipeline
 
-    return SpeechPipeline.from_pretrained(getattr(args, "speech_weights", None), ctclip=_pipeline(args))
+    folder = SpeechPipeline.checkpoint_dir(getattr(args, "speech_weights", None))   # refused before the CT CLIP loads
+    return SpeechPipeline.from_pretrained(folder, ctclip=_pipeline(args))
 
 
 def _audio_answer(args, audio, started: float) -> dict:

@@ -62,14 +62,15 @@ def running_app(log: Path, extra_env: dict | None = None, start_timeout_s: float
 
 
 @contextlib.contextmanager
-def browser_page(url: str, timeout_ms: int = 20_000):
-    """A Chromium page on the app's first screen (1400 x 1000)."""
+def browser_page(url: str, timeout_ms: int = 20_000, extra_args: list[str] | None = None):
+    """A Chromium page on the app's first screen (1400 x 1000); `extra_args` are added to CHROMIUM_ARGS (e.g. a fake
+    microphone)."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed: run `make test` (it installs the Debian packages).")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args or []))
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(timeout_ms)
         page.goto(url)

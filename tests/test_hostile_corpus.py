@@ -737,6 +737,44 @@ def _(d):
     return audio(d / "spoken.wav")
 
 
+# `retrieve --audio` refuses what it cannot answer before any model loads (so no speech checkpoint is needed here);
+# the answerable odd recordings (90 s, 48 kHz stereo, clipped, noise, music) are in tests/test_speech_cli.py.
+
+def retrieve_audio(path, *extra) -> list:
+    return ["retrieve", "--audio", str(path), *extra, "--json"]
+
+
+@case("audio-retrieve-word-under-1-s", 2, "at least 1 s")
+def _(d):
+    subprocess.run(["espeak-ng", "-s", "200", "-w", str(d / "no.wav"), "No."], check=True)
+    return retrieve_audio(d / "no.wav")
+
+
+@case("audio-retrieve-silent", 2, "silent")
+def _(d):
+    soundfile.write(d / "silent.flac", np.zeros(5 * 48000, np.int16), 48000)
+    return retrieve_audio(d / "silent.flac")
+
+
+@case("audio-retrieve-truncated-flac", 2, "")
+def _(d):
+    soundfile.write(d / "full.flac", tone(4.0, 16000), 16000)
+    data = (d / "full.flac").read_bytes()
+    (d / "cut.flac").write_bytes(data[: len(data) // 8])         # the header and a few frames: a broken upload
+    return retrieve_audio(d / "cut.flac")
+
+
+@case("audio-retrieve-missing", 2, "does not exist|not found|no such")
+def _(d): return retrieve_audio(d / "dictation.wav")
+
+
+@case("audio-retrieve-no-speech-checkpoint", 2, "python -m training speech --preset demo")
+def _(d):
+    subprocess.run(["espeak-ng", "-s", "140", "-w", str(d / "spoken.wav"), "Small right pleural effusion."],
+                   check=True)
+    return retrieve_audio(d / "spoken.wav", "--speech-weights", str(d / "no_checkpoint"))
+
+
 # ================================================================================================ text and args
 
 def retrieve(text) -> list:

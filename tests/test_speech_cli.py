@@ -84,6 +84,30 @@ def test_noise_is_answered_with_a_warning(capsys, speech_weights, tmp_path):
     assert status == 0 and any("noise or music" in w for w in out["warnings"])
 
 
+def music(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """Stereo music (rate Hz): a piano-like melody, 4 decaying notes a second with 3 harmonics, over a held A major
+    chord."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    chord = sum(0.08 * np.sin(2 * np.pi * f * t) for f in (220.0, 277.18, 329.63))
+    melody, note = np.zeros_like(t), rate // 4
+    scale = 440.0 * 2 ** (np.array([0, 2, 4, 5, 7, 9, 11, 12]) / 12)
+    for start in range(0, t.size, note):
+        f, tt = scale[rng.integers(len(scale))], t[: min(note, t.size - start)]
+        harmonics = sum(0.25 / h * np.sin(2 * np.pi * f * h * tt) for h in (1, 2, 3))
+        melody[start:start + tt.size] = harmonics * np.exp(-6 * tt)
+    return np.stack([chord + melody] * 2, axis=1).astype(np.float32)
+
+
+def test_music_is_answered_with_a_warning(capsys, speech_weights, tmp_path):
+    path = tmp_path / "music.ogg"                                       # Ogg Vorbis, 44.1 kHz stereo
+    soundfile.write(str(path), music(8.0, 44100), 44100, format="OGG", subtype="VORBIS")
+    status, out = run(capsys, "retrieve", "--audio", str(path), "--k", "3", "--speech-weights", str(speech_weights))
+    assert status == 0 and len(out["results"]) == 3, out
+    assert out["query"]["seconds"] == pytest.approx(8.0, abs=0.05)
+    assert any("noise or music" in w for w in out["warnings"]), out["warnings"]
+
+
 @pytest.mark.parametrize("kind, expected", [("short", "at least 1 s"), ("silent", "silent"),
                                             ("corrupt", "could not be decoded")])
 def test_unanswerable_recordings_are_one_sentence(capsys, tmp_path, kind, expected):

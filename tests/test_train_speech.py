@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +73,54 @@ def test_only_the_top_is_trained(model, clips, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "to_latent.weight" in changed and any(n.startswith("whisper.layers.3.") for n in changed)
     assert not any(n.startswith(("whisper.layers.0.", "whisper.layers.1.", "whisper.conv")) for n in changed)
+
+
+def test_synthesis_only_plans_every_clip_queries_first_and_loads_no_ct_clip(tmp_path):
+    """`--synthesis-only` with no CPU budget left: the phantom splits are rendered, every phase of the plan is listed
+    in order with its clip count (nothing made), and no CT CLIP latents are computed (no teachers/ folder)."""
+    import json
+
+    from engine.models.ctclip import all_zero_shot_prompts
+
+    command = [sys.executable, "-m", "training", "speech", "--synthesis-only", "--studies", "3", "--test-studies",
+               "2", "--cache", str(tmp_path), "--synthesis-budget-min", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    phases = json.loads(done.stdout.strip().splitlines()[-1])["synthesis"]
+    assert list(phases) == ["train queries", "test queries", "spoken zero-shot prompts", "espeak-ng test split",
+                            "real reports (acceptance test)", "test reports", "train reports"]
+    counts = {name: phase["clips"] for name, phase in phases.items()}
+    assert counts == {"train queries": 3, "test queries": 2, "spoken zero-shot prompts": len(all_zero_shot_prompts()),
+                      "espeak-ng test split": 4, "real reports (acceptance test)": 6, "test reports": 2,
+                      "train reports": 3}
+    assert all(phase["made"] == 0 and phase["skipped"] == phase["clips"] for phase in phases.values())
+    assert (tmp_path / "phantoms-train-3" / "studies.jsonl").is_file() and not (tmp_path / "teachers").exists()
+
+
+def test_comparison_table_is_written_into_the_distilled_metrics(tmp_path):
+    """speech-eval --compare-no-distill: the paper's three rows, each figure from the right checkpoint; two
+    evaluations against different CT CLIPs are refused in one sentence."""
+    import json
+
+    from engine.errors import UserError
+    from training.eval_speech import add_comparison
+
+    def metrics(text_zs, speech_zs, r10, ctclip="ctclip-a"):
+        return {"ctclip": ctclip, "n_test_studies": 100, "text_zero_shot_macro_auroc": text_zs,
+                "speech_zero_shot": {"macro": {"auroc": speech_zs}},
+                "text_report_recall": {"R@5": 0.5, "R@10": 0.7},
+                "speech_report_recall": {"R@5": r10 - 0.1, "R@10": r10},
+                "text_query_recall": {"R@10": 0.6}, "speech_query_recall": {"R@10": r10 / 2}}
+    distilled, plain = tmp_path / "distilled.json", tmp_path / "plain" / "metrics.json"
+    plain.parent.mkdir()
+    distilled.write_text(json.dumps(metrics(0.80, 0.78, 0.6)))
+    plain.write_text(json.dumps(metrics(0.80, 0.70, 0.4)))
+    markdown = add_comparison(distilled, plain)
+    rows = json.loads(distilled.read_text())["comparison"]["rows"]
+    assert [r["encoder"] for r in rows] == ["text teacher (CT CLIP)", "speech, no distillation", "speech, distillation"]
+    assert [r["zero-shot macro AUROC"] for r in rows] == [0.80, 0.70, 0.78]
+    assert [r["report R@10"] for r in rows] == [0.7, 0.4, 0.6] and [r["query R@10"] for r in rows] == [0.6, 0.2, 0.3]
+    assert rows[0]["report R@50"] is None and "| - |" in markdown and markdown.count("\n") == 4
+    plain.write_text(json.dumps(metrics(0.80, 0.70, 0.4, ctclip="ctclip-b")))
+    with pytest.raises(UserError, match="different ctclip"):
+        add_comparison(distilled, plain)

@@ -15,7 +15,8 @@
                             [--n-test N] [--steps N] [--time-budget-min M] [--out DIR] [--cache DIR] [--resume]
     python -m training x2ct-eval --checkpoint runs/x2ct-demo/model [--cache DIR]
     python -m training speech --preset demo|paper [--distill-weight L | --no-distill] [--steps N] [--resume] ...
-    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N]
+    python -m training speech --preset demo --synthesis-only        # make the Kokoro/espeak-ng clips, then stop
+    python -m training speech-eval --checkpoint runs/speech-demo/model [--test-studies N] [--compare-no-distill DIR]
 Multi-GPU: torchrun --nproc_per_node G -m training ctclip --preset paper --data-root DIR --reports-csv F
     --metadata-csv F [--fsdp]
 """
@@ -219,6 +220,15 @@ def _speech(args) -> int:
     if args.synthesis_budget_min is not None:
         overrides["synthesis_budget_cpu_s"] = 60.0 * args.synthesis_budget_min
     cfg = replace(cfg, **overrides)
+    if args.synthesis_only:
+        from engine.errors import UserError
+        from training.train_speech import synthesize_demo_clips
+        if cfg.preset != "demo":
+            raise UserError("--synthesis-only makes the demo preset's clips; the paper preset reads --audio-dir.")
+        budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
+        made = synthesize_demo_clips(cfg, cache_root=args.cache, budget_cpu_s=budget, threads=cfg.cpu_threads or 2)
+        print(json.dumps({"synthesis": made}))
+        return 0
     out = Path(args.out or settings.training_runs_dir() / f"speech-{cfg.preset}")
     summary = train(cfg, out, cache_root=args.cache, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "synthesis"} | {"synthesis": summary.get("synthesis")}))
@@ -230,7 +240,11 @@ def _speech_eval(args) -> int:
     budget = None if args.synthesis_budget_min is None else 60.0 * args.synthesis_budget_min
     metrics = evaluate(Path(args.checkpoint), cache_root=args.cache, out=args.out, n_test_studies=args.test_studies,
                        synthesis_budget_cpu_s=budget)
-    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k}))
+    print(json.dumps({k: v for k, v in metrics.items() if "recall" in k or "zero_shot" in k or k == "targets"}))
+    if args.compare_no_distill:
+        from training.eval_speech import add_comparison
+        out = Path(args.out or Path(args.checkpoint) / "metrics.json")
+        print(add_comparison(out, Path(args.compare_no_distill) / "metrics.json"))
     return 0
 
 
@@ -310,6 +324,10 @@ def main(argv=None) -> int:
     s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
     s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    s.add_argument("--synthesis-only", action="store_true",
+                   help="demo: render the phantom splits and make every training and evaluation clip (Kokoro, "
+                   "espeak-ng) into the cache, then stop before any CT CLIP is loaded; resumable; no CPU limit "
+                   "unless --synthesis-budget-min is given")
     s.add_argument("--audio-dir", help="paper: audio files named by CT-RATE VolumeName")
     s.add_argument("--ct-latents", help="paper: frozen CT-CLIP latents (safetensors keyed by VolumeName)")
     s.add_argument("--reports-csv", help="paper: CT-RATE reports (VolumeName, Findings_EN) for the text teacher")
@@ -320,6 +338,9 @@ def main(argv=None) -> int:
     v.add_argument("--out", help="metrics.json path (default CHECKPOINT/metrics.json)")
     v.add_argument("--test-studies", type=int, default=100)
     v.add_argument("--synthesis-budget-min", type=float, help="CPU minutes for new Kokoro test clips (default: all)")
+    v.add_argument("--compare-no-distill", metavar="DIR",
+                   help="a --no-distill checkpoint already evaluated: write the paper's table (text teacher vs speech "
+                   "without / with distillation) into this checkpoint's metrics.json as 'comparison'")
     v.set_defaults(func=_speech_eval)
     args = parser.parse_args(argv)
     from engine.errors import UserError

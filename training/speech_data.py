@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -133,8 +134,9 @@ def plan_clips(texts: list[str], voices: tuple[str, ...], seed: int, engine: str
 class SpeechSynthesizer:
     """Makes clips into a cache folder (16 kHz mono FLAC, one file per Clip.key) and reads them back."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, threads: int = 2):
         self.cache_dir = Path(cache_dir)
+        self.threads = threads           # ONNX Runtime intra-op threads of Kokoro (1 for a background, nice'd run)
         self._kokoro = None
 
     def path(self, clip: Clip) -> Path:
@@ -156,7 +158,9 @@ class SpeechSynthesizer:
             return target
         samples = self._kokoro_samples(clip) if clip.engine == "kokoro" else self._espeak_samples(clip)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.stem + ".partial.flac")
+        # per-process partial name: two builders of the same cache (a background synthesis and a training run)
+        # never write into one file; the atomic replace makes either's clip the cached one
+        partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.flac")
         soundfile.write(str(partial), samples, SAMPLE_RATE, subtype="PCM_16")
         partial.replace(target)
         return target
@@ -168,7 +172,7 @@ class SpeechSynthesizer:
 
             model, voices = install_kokoro()
             options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = 2
+            options.intra_op_num_threads = self.threads
             # idle worker threads sleep instead of spinning: on a shared CPU spinning burns the synthesis budget
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
@@ -187,14 +191,14 @@ class SpeechSynthesizer:
 
 
 def synthesize(clips: list[Clip], synthesizer: SpeechSynthesizer, budget_cpu_s: float | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, desc: str = "speech clips") -> dict:
     """Make every clip not yet cached, in order, until `budget_cpu_s` CPU seconds are spent. Returns what was made:
     {"clips", "made", "cached", "skipped" (over budget), "cpu_s", "speech_s" (seconds of audio made)}."""
     import soundfile
 
     report = {"clips": len(clips), "made": 0, "cached": 0, "skipped": 0, "cpu_s": 0.0, "speech_s": 0.0}
     start = time.process_time()
-    bar = tqdm(clips, desc="speech clips", unit="clip", disable=not progress)
+    bar = tqdm(clips, desc=desc, unit="clip", disable=not progress)
     for clip in bar:
         if synthesizer.path(clip).is_file():
             report["cached"] += 1

@@ -195,23 +195,36 @@ def teacher_latents(pipeline, cache_path: Path, volumes_fn, texts: list[str]) ->
     return ct, text
 
 
+def split_plan(cfg: SpeechTrainConfig, split: str, cache_root: Path, voices, engine: str = "kokoro",
+               progress: bool = True, workers: int = 2) -> tuple:
+    """(PhantomCache, texts [(study, kind, text)], clips aligned with texts) of one phantom split read by `voices`:
+    the ONE home of the clip plan, so `--synthesis-only`, training and evaluation ask for the same clips. The split's
+    phantoms are rendered (or found) under cache_root; texts are every study's cfg.texts in order (all queries first,
+    then all reports)."""
+    from training.ctclip_data import CachePlan, PhantomCache, build_cache
+    from training.speech_data import plan_clips
+
+    n = cfg.n_studies if split == "train" else cfg.n_test_studies
+    root = build_cache(cache_root / f"phantoms-{split}-{n}", CachePlan(split=split, n_generated=n), workers=workers,
+                       progress=progress)
+    studies = PhantomCache(root)
+    texts = [(i, kind, rec[kind]) for kind in cfg.texts for i, rec in enumerate(studies.records) if rec.get(kind)]
+    seed = {"train": 1, "test": 2}[split] * 1000 + (0 if engine == "kokoro" else 500)
+    return studies, texts, plan_clips([t for _, _, t in texts], voices, seed=seed, engine=engine)
+
+
 def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, voices, engine: str = "kokoro",
                budget_cpu_s: float | None = None, progress: bool = True) -> dict:
     """One phantom split read aloud: {"items": [SpeechItem], "clips": {key: Clip}, "records": study records,
     "synthesis": what was made}. Only clips that exist (within the budget) become items."""
     from engine.volume import Volume
-    from training.ctclip_data import CachePlan, PhantomCache, build_cache
-    from training.speech_data import SpeechSynthesizer, plan_clips, synthesize
+    from training.speech_data import SpeechSynthesizer, synthesize
 
+    studies, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress)
     n = cfg.n_studies if split == "train" else cfg.n_test_studies
-    root = build_cache(cache_root / f"phantoms-{split}-{n}", CachePlan(split=split, n_generated=n), progress=progress)
-    studies = PhantomCache(root)
-    texts = [(i, kind, rec[kind]) for kind in cfg.texts for i, rec in enumerate(studies.records) if rec.get(kind)]
     ct, text = teacher_latents(pipeline, cache_root / "teachers" / f"{pipeline.model_id}-{split}-{n}.safetensors",
                                lambda: (Volume(array=studies.hu(i), spacing=studies.spacing_xyz)
                                         for i in range(len(studies))), [t for _, _, t in texts])
-    seed = {"train": 1, "test": 2}[split] * 1000 + (0 if engine == "kokoro" else 500)
-    clips = plan_clips([t for _, _, t in texts], voices, seed=seed, engine=engine)
     synthesizer = SpeechSynthesizer(cache_root / "speech")
     report = synthesize(clips, synthesizer, budget_cpu_s, progress=progress)
     items = [SpeechItem(clip.key, study, ct[study], text[j]) for j, ((study, _, _), clip) in enumerate(zip(texts, clips))
@@ -219,6 +232,48 @@ def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, v
     return {"items": items, "clips": {c.key: c for c in clips}, "kinds": [k for _, k, _ in texts],
             "records": studies.records, "labels": studies.label_matrix(), "ct": ct, "synthesis": report,
             "synthesizer": synthesizer}
+
+
+def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
+    """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
+    them: the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap),
+    the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, then the training
+    reports (about 90 s each, the bulk of the CPU)."""
+    from training.eval_speech import prompt_clips, real_report_clips
+    from training.speech_data import ESPEAK_VOICES, EVAL_VOICES, TRAIN_VOICES
+
+    def by_kind(split, voices, engine="kokoro"):
+        _, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress, workers=1)
+        return {kind: [c for (_, k, _), c in zip(texts, clips) if k == kind] for kind in cfg.texts}
+
+    train, test = by_kind("train", TRAIN_VOICES), by_kind("test", EVAL_VOICES)
+    espeak = by_kind("test", ESPEAK_VOICES, engine="espeak")
+    return [("train queries", train.get("query", [])), ("test queries", test.get("query", [])),
+            ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
+            ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
+            ("real reports (acceptance test)", [clip for _, clip in real_report_clips()]),
+            ("test reports", test.get("report", [])), ("train reports", train.get("report", []))]
+
+
+def synthesize_demo_clips(cfg: SpeechTrainConfig, cache_root: Path | None = None, budget_cpu_s: float | None = None,
+                          threads: int = 2, progress: bool = True) -> dict:
+    """`python -m training speech --synthesis-only`: render the phantom splits and make every clip of
+    synthesis_plan() into cache_root/speech (default the training cache), stopping before any CT CLIP is loaded.
+    Resumable clip by clip (a second call skips what exists); `budget_cpu_s` (None = no limit) caps the whole call.
+    Returns {phase: synthesize() report} with each phase's clip count, made, cached and seconds of speech."""
+    import time
+
+    from engine.settings import training_cache_dir
+    from training.speech_data import SpeechSynthesizer, synthesize
+
+    cache_root = Path(cache_root or training_cache_dir() / "speech-demo")
+    synthesizer = SpeechSynthesizer(cache_root / "speech", threads=threads)
+    start, out = time.process_time(), {}
+    for phase, clips in synthesis_plan(cfg, cache_root, progress=progress):
+        left = None if budget_cpu_s is None else max(0.0, budget_cpu_s - (time.process_time() - start))
+        out[phase] = synthesize(clips, synthesizer, left, progress=progress, desc=phase)
+        print(json.dumps({"phase": phase} | out[phase]), flush=True)
+    return out
 
 
 def ctclip_pipeline():

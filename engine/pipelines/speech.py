@@ -57,16 +57,24 @@ class SpeechPipeline:
         """The speech encoder in `directory` (default settings.speech_dir()) with `ctclip` (default: the demo CT CLIP
         pipeline). A missing checkpoint is one sentence saying how to train it."""
         from engine.models.speech_encoder import SpeechEncoder
-        from engine.settings import speech_dir
 
-        directory = Path(directory) if directory else speech_dir()
-        if not (directory / "config.json").is_file():
-            raise UserError(f"No speech encoder checkpoint in '{directory}': {TRAIN_HINT}.")
+        directory = cls.checkpoint_dir(directory)
         if ctclip is None:
             from engine.pipelines.ctclip import CTClipPipeline
 
             ctclip = CTClipPipeline.from_pretrained(preset="demo")
         return cls(SpeechEncoder.from_pretrained(directory), ctclip, directory)
+
+    @staticmethod
+    def checkpoint_dir(directory: str | Path | None = None) -> Path:
+        """The speech checkpoint folder (default settings.speech_dir()); a missing one is one sentence saying how to
+        train it (callers ask before loading the CT CLIP, so the refusal is immediate)."""
+        from engine.settings import speech_dir
+
+        directory = Path(directory) if directory else speech_dir()
+        if not (directory / "config.json").is_file():
+            raise UserError(f"No speech encoder checkpoint in '{directory}': {TRAIN_HINT}.")
+        return directory
 
     @staticmethod
     def check(audio: Audio) -> Audio:
