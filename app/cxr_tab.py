@@ -114,7 +114,6 @@ def show_map(cxr: CXRModels, film, label):
 
 # --------------------------------------------------------------------------------------------------- the tab
 
-# Reads better whole (84 lines): the layout and the handlers share one set of components through closures.
 def cxr_tab(ctclip: CTClipModels, cxr: CXRModels, current: gr.State, demo: gr.Blocks | None = None):
     """Build the tab in the current context. `current` is the gr.State holding the CT most recently opened in any
     viewer (app/viewer.py follow_open_study). Returns the tab's CTViewer."""

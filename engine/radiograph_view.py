@@ -19,9 +19,10 @@ matter); grey levels are measured on the image's own scale, lo..hi = its 1st..99
    58-90 %: the lungs) by at least 0.15 (hi - lo), and the two dips are alike (the smaller at least 0.6 x the
    larger), as two mirror-image lung fields make them. A lateral view has one lung field (both lungs superimposed)
    between the sternum and the spine, whose anterior and posterior sides differ, so one dip is missing or much
-   smaller; an inverted film has a dark centre (and its dark abdomen usually trips rule 1 first). Measured: real frontal films and frontal DRRs (of lung1 and of held-out
-   phantoms with effusion, cardiomegaly, consolidation, augmented or not) smaller dip 0.27-0.51 and ratio >= 0.73;
-   lateral DRRs of lung1 and of the same phantoms smaller dip <= 0.08, or (a phantom with cardiomegaly, whose big
+   smaller; an inverted film has a dark centre (and its dark abdomen usually trips rule 1 first). Measured: real
+   frontal films and frontal DRRs (of lung1 and of held-out phantoms with effusion, cardiomegaly, consolidation,
+   augmented or not) smaller dip 0.27-0.46 and ratio >= 0.73;
+   lateral DRRs of lung1 and of the same phantoms smaller dip <= 0.10, or (a phantom with cardiomegaly, whose big
    heart fills the lateral's middle) ratio 0.49. A frontal film whose one side is white (a whole lung opaque) is
    refused too: the rule cannot tell it from a lateral.
 

@@ -31,7 +31,7 @@ def pipelines(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("cxr")
     torch.manual_seed(0)
-    CTCLIP.build(tiny_ctclip_config(small_text=True)).save_pretrained(folder / "ctclip")
+    CTCLIP.build(tiny_ctclip_config()).save_pretrained(folder / "ctclip")
     CXREncoder(tiny_cxr_config(latent_dim=32)).save_pretrained(folder / "x2ct")
     ctclip = CTClipPipeline.from_pretrained(folder / "ctclip")
     from engine.library import DemoLibrary
