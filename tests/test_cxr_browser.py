@@ -21,7 +21,7 @@ from tests.test_app_find_browser import COLOUR_PIXELS_JS, _bars, _checkpoint_env
 CXR_PNG = SHARED_DATA / "cxr" / "00000001_000.png"
 K = 5
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]   # the app start dominates on a loaded CPU
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 
 def _encoder_env(scratch: Path, ctclip_env: dict) -> dict:
