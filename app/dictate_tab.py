@@ -87,7 +87,7 @@ def on_upload(recording, k, speech: SpeechModels, ctclip: CTClipModels):
     return table, found, figure, f"Final ranking: {audio.seconds:.1f} s of dictation. {notes}".strip()
 
 
-def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | None = None) -> None:
+def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | None = None):
     gr.Markdown("Dictate a report as you would for a chest CT. The speech encoder puts your voice straight into the "
                 "CT CLIP's space (no transcription) and ranks every CT in the library while you speak.")
     with gr.Row(equal_height=False):
@@ -138,3 +138,4 @@ def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | No
             problem = speech.unavailable()
             return f"⚠ {problem}" if problem else LISTENING
         demo.load(model_status, None, status, show_progress="hidden")
+    return viewer

@@ -80,9 +80,10 @@ def _find(results: list[dict], result_id: str) -> tuple[int, dict]:
 # --------------------------------------------------------------------------------------------------- the tab
 
 # Reads better whole (122 lines): the layout and the handlers share one set of components through closures.
-def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
+def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
     """Build the tab's content in the current context. `models` loads the CT CLIP once per process; when `demo` (the
-    enclosing Blocks) is given, the tab says on page load if there is no checkpoint (and how to train one)."""
+    enclosing Blocks) is given, the tab says on page load if there is no checkpoint (and how to train one). Returns the
+    tab's CTViewer."""
     gr.Markdown("Describe what you are looking for, as a radiologist would write it. The CT CLIP ranks every CT in the "
                 "library by how well its image matches your words.", elem_classes=["find-intro"])
     with gr.Row(equal_height=False):
@@ -202,3 +203,4 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None) -> None:
                         "nothing to search yet.")
             return ""
         demo.load(model_status, None, status, show_progress="hidden")
+    return viewer

@@ -67,8 +67,8 @@ def generate(models, text, steps, guidance, seed, request: gr.Request, progress=
     return result.volume, str(out), gr.Markdown(status), asked, found
 
 
-def generate_tab(models) -> None:
-    """Build the tab in the current Blocks context; `models` is app.models.GeneratorModels."""
+def generate_tab(models):
+    """Build the tab in the current Blocks context; `models` is app.models.GeneratorModels. Returns its CTViewer."""
     from engine.settings import generator_dir
 
     gr.Markdown(SYNTHETIC_NOTE)
@@ -105,3 +105,4 @@ def generate_tab(models) -> None:
                       concurrency_limit=1, concurrency_id="generate", api_name="generate_ct")
     viewer.open_after(event)
     stop.click(cancel, None, status, queue=False)
+    return viewer

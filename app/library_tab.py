@@ -33,13 +33,14 @@ def report_markdown(study) -> str:
             f"\n\nLabel vector (CT-CLIP order): `{vector}`")
 
 
-def library_tab(library, demo: gr.Blocks | None = None, models=None) -> None:
+def library_tab(library, demo: gr.Blocks | None = None, models=None):
     """Build the tab's content in the current context. `library` is an engine.library.DemoLibrary or None; when
     `demo` (the enclosing Blocks) is given, the first study opens as soon as the page loads; with `models`
-    (app.models.CTClipModels) the CT CLIP's zero-shot reading of the open study is shown next to its labels."""
+    (app.models.CTClipModels) the CT CLIP's zero-shot reading of the open study is shown next to its labels.
+    Returns the tab's CTViewer (None without a library)."""
     if library is None:
         gr.Markdown("The demo library is missing: build it with `python -m training.build_library`.")
-        return
+        return None
     gr.Markdown(f"{len(library)} phantom studies with CT-RATE-style reports. Click a row to open the study.")
     with gr.Row():
         with gr.Column(scale=3):
@@ -87,3 +88,4 @@ def library_tab(library, demo: gr.Blocks | None = None, models=None) -> None:
     if demo is not None and len(library):
         first = library.studies[0].id
         read(viewer.open_after(demo.load(lambda: open_study(first), None, [viewer.volume, report, labels])))
+    return viewer

@@ -5,8 +5,8 @@ one sentence that says how to fix it, so every panel shows that sentence instead
 - `CTClipModels`: `CTClipPipeline.from_pretrained(weights, preset)` with app.py's --weights/--preset, and one
   `StudyLibrary` over it (engine.pipelines.ctclip, engine.study_library). Loading starts in a background thread when
   the app is built, so the first page answers at once; the first request that needs the model waits for it.
-- `GeneratorModels` (engine.pipelines.generate) and `SpeechModels` (engine.pipelines.speech), both over the same
-  CT CLIP pipeline, not a second copy.
+- `GeneratorModels` (engine.pipelines.generate), `SpeechModels` (engine.pipelines.speech) and `CXRModels`
+  (engine.pipelines.cxr), all over the same CT CLIP pipeline, not a second copy.
 
     models = CTClipModels(preset="demo", weights=None).start()
     pipeline = models.pipeline()                      # waits for the load; UserError with one sentence if it failed
@@ -135,6 +135,30 @@ class SpeechModels(LoadedOnce):
         from engine.pipelines.speech import SpeechPipeline
 
         pipeline = SpeechPipeline.from_pretrained(self.weights, ctclip=self.ctclip.pipeline())
+        pipeline.ctclip.prompt_latents  # the 36 prompts, once
+        return pipeline
+
+    def pipeline(self):
+        return self._load()
+
+
+class CXRModels(LoadedOnce):
+    """The chest X-ray pipeline (engine.pipelines.cxr.CXRPipeline: X2CT-CLIP's radiograph encoder) over the process's
+    CT CLIP. `pipeline()` raises UserError with one sentence (how to train the encoder) when there is none."""
+
+    what = "The chest X-ray encoder"
+    retrain = "`python -m training x2ct --preset demo`"
+
+    def __init__(self, ctclip: CTClipModels, weights: str | None = None):
+        super().__init__()
+        self.ctclip = ctclip
+        self.weights = weights   # an encoder folder; None: settings.x2ct_dir() (assets/x2ct or $CT_X2CT_DIR)
+
+    def _build(self):
+        from engine.pipelines.cxr import CXRPipeline, cxr_model_dir
+
+        directory = cxr_model_dir(self.weights)     # no encoder: how to train one, before the CT CLIP is waited for
+        pipeline = CXRPipeline.from_pretrained(directory, ctclip=self.ctclip.pipeline())
         pipeline.ctclip.prompt_latents  # the 36 prompts, once
         return pipeline
 

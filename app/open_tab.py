@@ -30,9 +30,9 @@ def load_upload(path):
     return volume
 
 
-def open_tab(models=None, max_upload_mb: int | None = None) -> None:
+def open_tab(models=None, max_upload_mb: int | None = None):
     """Build the tab's content in the current context. With `models` (app.models.CTClipModels) the CT CLIP
-    reads the uploaded CT's 18 findings as soon as its planes are shown."""
+    reads the uploaded CT's 18 findings as soon as its planes are shown. Returns the tab's CTViewer."""
     limit = f" (up to {max_upload_mb} MB)" if max_upload_mb else ""
     gr.Markdown(f"Upload one chest CT{limit}: {FORMATS}. It stays on the server that runs this app, visible only to "
                 "this browser, and is deleted with the server's temporary files."
@@ -45,3 +45,4 @@ def open_tab(models=None, max_upload_mb: int | None = None) -> None:
         panel = zeroshot_panel()
         opened.success(lambda volume: read_findings(models, volume), viewer.volume, panel.outputs,
                        show_progress="hidden")
+    return viewer

@@ -9,13 +9,17 @@ and chaining `viewer.refresh` after that event:
 
 and shows a heat map by writing `viewer.overlay` and chaining `viewer.redraw_after` (the planes redraw in place).
 
+Every tab has its own viewer; "the CT in the viewer" for another tab (the Chest X-ray tab simulates a radiograph from
+it) is the one most recently opened in any of them, per browser: ui.py passes each tab's viewer to
+`follow_open_study(viewers, current)`, which copies every volume a viewer opens into the shared gr.State `current`.
+
 Images come from engine.viewing.plane_image (true physical aspect, radiological orientation). An optional heat map
 (`viewer.overlay`, a float array 0..1 the shape of the volume, or None) is blended over every plane.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 import numpy as np
@@ -43,6 +47,8 @@ class CTViewer:
     info: gr.Markdown
     show_3d: gr.Button
     plot: gr.Plot
+    opened: list = field(default_factory=list)   # the events (open_after) that showed a new volume
+
 
     @property
     def refresh_inputs(self) -> list:
@@ -54,13 +60,23 @@ class CTViewer:
 
     def open_after(self, dependency):
         """Show `viewer.volume` once `dependency` (an event that wrote it) has succeeded."""
-        return dependency.success(refresh, self.refresh_inputs, self.refresh_outputs, show_progress="hidden")
+        shown = dependency.success(refresh, self.refresh_inputs, self.refresh_outputs, show_progress="hidden")
+        self.opened.append(shown)
+        return shown
 
     def redraw_after(self, dependency):
         """Redraw the three planes at their current slices once `dependency` (an event that wrote `viewer.overlay`,
         e.g. a heat map or None) has succeeded."""
         return dependency.success(_render_all, [self.volume, self.overlay, *self.sliders, self.level, self.width],
                                   self.images, show_progress="hidden")
+
+
+def follow_open_study(viewers, current: gr.State) -> None:
+    """After any of `viewers` (None entries skipped) shows a new volume, copy it into `current` (a gr.State shared by
+    the tabs: the CT most recently opened in this browser). Call once every tab is built."""
+    for viewer in viewers:
+        for shown in (viewer.opened if viewer is not None else []):
+            shown.success(lambda volume: volume, viewer.volume, current, show_progress="hidden")
 
 
 # --------------------------------------------------------------------------------------------------- handlers

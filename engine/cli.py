@@ -231,9 +231,11 @@ def cmd_drr(args) -> dict:
 
 def cmd_findings(args) -> dict:
     from engine.radiograph import read_radiograph
+    from engine.radiograph_view import check_frontal_chest
     from engine.study_library import user_library_folder
 
     radiograph = read_radiograph(args.cxr)   # before loading any model: a bad file answers at once
+    check_frontal_chest(radiograph)          # a CT slice or a lateral view too
     if args.k < 1 or args.k > 1000:
         raise UserError("--k must be between 1 and 1000.")
     user_library_folder(args.library)

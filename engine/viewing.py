@@ -136,9 +136,34 @@ def plane_image(volume, plane: str, index: int, level: float, width: float, *, o
         raise ValueError(f"overlay shape {overlay.shape} matches neither the volume {array.shape} "
                          f"nor the {plane} plane {raw.shape}")
     heat = np.clip(_to_square_pixels(_display_orient(overlay, plane), out_shape), 0.0, 1.0)
+    return blend_heat(grey, heat, overlay_alpha)
+
+
+def blend_heat(grey: np.ndarray, heat: np.ndarray, overlay_alpha: float = 0.5) -> np.ndarray:
+    """uint8 grey (H, W) + heat map in 0..1 (H, W) -> uint8 RGB (H, W, 3): the heat colour ramp alpha-blended with
+    alpha = overlay_alpha * value (a CT plane's heat map, a radiograph's class activation map)."""
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
     alpha = (overlay_alpha * heat)[..., None]
     rgb = grey[..., None].astype(np.float32) * (1.0 - alpha) + heat_colors(heat) * alpha
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def radiograph_image(image: np.ndarray, overlay: np.ndarray | None = None, max_side: int = 1024,
+                     overlay_alpha: float = 0.5) -> np.ndarray:
+    """A radiograph (float32 (H, W) in [0, 1], engine.radiograph's convention) for display: uint8 grey, shrunk
+    (aspect kept, anti-aliased) so its longer side is at most max_side pixels; with `overlay` (0..1, the image's
+    (H, W)) the heat ramp blended over it as plane_image does, uint8 RGB."""
+    from skimage.transform import resize
+
+    h, w = image.shape
+    scale = min(1.0, max_side / max(h, w))
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = resize(image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True) if scale < 1 else image
+    grey = np.round(np.clip(small, 0.0, 1.0) * 255).astype(np.uint8)
+    if overlay is None:
+        return grey
+    heat = resize(np.asarray(overlay, np.float32), shape, order=1, preserve_range=True) if scale < 1 else overlay
+    return blend_heat(grey, heat, overlay_alpha)
 
 
 # --------------------------------------------------------------------------------------------------------- 3-D

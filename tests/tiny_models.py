@@ -44,3 +44,11 @@ def tiny_unet_config(**changes):
         **DiffusionUNetConfig.demo().to_dict(), "preset": "tiny", "channels": (8, 16, 16),
         "num_head_channels": (8, 8, 8), "norm_num_groups": 8, "context_dim": 32, "default_steps": 4,
         "latent_shape": (4, z // 4, y // 4, x // 4), "image_spacing": TINY_SPACING, **changes})
+
+
+def tiny_cxr_config(latent_dim: int = 32):
+    """The demo chest X-ray encoder (already small: ResNet 1-1-1-1, widths 16..128, 128-pixel input) into a CT CLIP's
+    latent of `latent_dim` (32: the tiny CT CLIP's)."""
+    from engine.models.cxr_encoder import CXREncoderConfig
+
+    return CXREncoderConfig.demo(latent_dim=latent_dim)

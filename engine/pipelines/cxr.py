@@ -1,14 +1,16 @@
 """The chest-radiograph pipeline (X2CT-CLIP): a radiograph -> the 18 CT-level findings, the most similar CT studies
 and where on the film a finding's score comes from.
 
-    Radiograph (engine.radiograph: [0, 1], brighter = more attenuation) -> CXREncoder.prepare -> CXR encoder
+    Radiograph (engine.radiograph: [0, 1], brighter = more attenuation) -> engine.radiograph_view.check_frontal_chest
+        (a CT slice or a lateral view is refused with one sentence) -> CXREncoder.prepare -> CXR encoder
         -> unit latent in the CT CLIP's space
     findings: the CT CLIP's zero-shot rule on that latent (CTClipPipeline.zero_shot_from_latent: the same prompt
         latents and temperature as a CT's reading)
     similar studies: engine.study_library.StudyLibrary.search with the latent (demo library + the user's CTs)
     location map: CXREncoder.location_scores with q = latent("present") - latent("not present") of the finding, so
-        each feature-map location's exact share of the present-vs-absent logit difference (before the softmax),
-        placed back on the radiograph's own pixels.
+        each feature-map location's exact share of the present-vs-absent cosine difference (`location_shares`; they
+        sum to it, and P(present) = sigmoid(logit scale x that sum)), placed back on the radiograph's own pixels
+        (`location_map`).
 Deterministic (no seed); progress and cancel as engine/pipelines/base.py.
 """
 from __future__ import annotations
@@ -56,8 +58,11 @@ class CXRPipeline:
     def embed_radiograph(self, radiograph: Radiograph, *, progress: ProgressCallback | None = None,
                          cancel: CancelSignal | None = None) -> np.ndarray:
         """Unit latent (D,) float32 in the CT CLIP's space."""
+        from engine.radiograph_view import check_frontal_chest
+
         control = RunControl(progress, cancel)
-        control.step(0.0, "preparing the radiograph")
+        control.step(0.0, "checking the radiograph")
+        check_frontal_chest(radiograph)
         tensor = self.prepare(radiograph)
         control.step(0.3, "encoding the radiograph")
         with torch.inference_mode():
@@ -70,16 +75,22 @@ class CXRPipeline:
         """P(present) of each of the 18 CT-RATE labels, read from the radiograph through the CT CLIP's prompts."""
         return self.ctclip.zero_shot_from_latent(self.embed_radiograph(radiograph, progress=progress, cancel=cancel))
 
-    def location_map(self, radiograph: Radiograph, label: str) -> tuple[np.ndarray, float]:
-        """Where on the film the finding `label` is read: (map float32 (H, W) on the radiograph's own pixels, scaled
-        to [0, 1] over its positive part, and the present-minus-absent cosine difference it splits exactly)."""
+    def location_shares(self, radiograph: Radiograph, label: str) -> np.ndarray:
+        """The class activation map of `label`, exact: float32 (h, w) over the encoder's feature map, each location's
+        share of cos(latent, "present" prompt) - cos(latent, "not present" prompt). The shares sum to that
+        difference, so P(present) of `findings` = sigmoid(logit scale x shares.sum())."""
         if label not in LABELS:
             raise UserError(f"Unknown finding {label!r}: use one of the 18 CT-RATE labels.")
         prompts = torch.from_numpy(self.ctclip.prompt_latents[LABELS.index(label)])      # (present, not present)
         with torch.inference_mode():
             shares = self.encoder.location_scores(self.prepare(radiograph), prompts[0] - prompts[1])[0]
-        score = float(shares.sum())
-        return _on_radiograph(shares.numpy(), radiograph.image.shape, self.encoder.config.image_size), score
+        return shares.float().numpy()
+
+    def location_map(self, radiograph: Radiograph, label: str) -> tuple[np.ndarray, float]:
+        """Where on the film the finding `label` is read: (map float32 (H, W) on the radiograph's own pixels, its
+        positive part scaled to [0, 1], and the present-minus-absent cosine difference the shares split exactly)."""
+        shares = self.location_shares(radiograph, label)
+        return _on_radiograph(shares, radiograph.image.shape, self.encoder.config.image_size), float(shares.sum())
 
 
 def cxr_model_dir(directory: str | Path | None = None) -> Path:
