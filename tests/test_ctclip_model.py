@@ -229,8 +229,9 @@ def test_a_damaged_preprocessing_file_is_one_sentence(tmp_path):
 
 
 def test_the_flat_config_layout_of_older_checkpoints_still_loads():
-    """assets/ctclip/config.json predates the vision/text split; it reads into the same nested config."""
-    flat = json.loads((ASSETS / "ctclip" / "config.json").read_text())
+    """The config.json of the stage-3 checkpoint (shipped until stage 4; kept in tests/data) predates the vision/text
+    split; it reads into the same nested config."""
+    flat = json.loads((Path(__file__).parent / "data" / "flat_layout_ctclip_config.json").read_text())
     assert "vision_dim" in flat and "vision" not in flat
     config = CTCLIPConfig.from_dict(flat)
     assert config.vision.dim == flat["vision_dim"] == 192 and config.vision.input_shape == (64, 128, 128)

@@ -12,8 +12,9 @@
 4. measure: the flagged fraction of the ctclip-eval test split (its first n_test studies, CACHE/test, seeds
    TEST_SEED_BASE + i) and which real CTs in ../shared/data/ct are flagged, merged into CHECKPOINT/metrics.json
    under "ood" (every other key kept; run it after ctclip-eval, which rewrites that file).
-Every latent comes from CTClipPipeline.embed_volume, the path the CLI and the app use, so the statistics hold for
-whichever image encoder the checkpoint has.
+Every latent comes from CTClipPipeline.embed_volume, the path the CLI and the app use (or, for a token-feature
+checkpoint, the token features the phantom cache stored by that same path), so the statistics hold for whichever
+image encoder the checkpoint has.
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ REAL_CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm")
 def cache_latents(pipeline, cache, n: int, desc: str, progress: bool = True, every: int = 25) -> np.ndarray:
     """Unit image latents (n, D) of the first n finished studies of a PhantomCache, by the pipeline's own path.
     Kept next to the cache (CACHE_ROOT/ood_latents_<split>_<model_id>.npz, saved every `every` studies), so an
-    interrupted or repeated run (another --quantile) encodes each study once per checkpoint."""
+    interrupted or repeated run (another --quantile) encodes each study once per checkpoint. A token-feature
+    checkpoint reads the features the cache stored (engine.transforms' TokenFeatures, computed once per study)."""
+    import torch
+
     from engine.volume import Volume
+    from training.eval_ctclip import feature_cache
 
     seeds = np.array([r["seed"] for r in cache.records[:n]], dtype=np.int64)
     store = cache.root.parent / f"ood_latents_{cache.meta['plan']['split']}_{pipeline.model_id}.npz"
@@ -43,9 +48,14 @@ def cache_latents(pipeline, cache, n: int, desc: str, progress: bool = True, eve
         k = min(len(saved["seeds"]), n)
         if np.array_equal(saved["seeds"][:k], seeds[:k]):
             done = list(saved["latents"][:k])
+    features = feature_cache(cache, pipeline.preprocessing)
     bar = tqdm(total=n, initial=len(done), desc=desc, unit="study", disable=not progress)
     for i in range(len(done), n):
-        done.append(pipeline.embed_volume(Volume(array=cache.hu(i), spacing=cache.spacing_xyz)))
+        if features is not None and features.has(i):     # the same engine path, computed once by the cache
+            with torch.inference_mode():
+                done.append(pipeline.model.encode_image(features.features_of(i)[None].float())[0].numpy())
+        else:
+            done.append(pipeline.embed_volume(Volume(array=cache.hu(i), spacing=cache.spacing_xyz)))
         bar.update(1)
         if (i + 1) % every == 0 or i + 1 == n:
             np.savez(store.with_suffix(".tmp.npz"), latents=np.stack(done), seeds=seeds[:len(done)])
