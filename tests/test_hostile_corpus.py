@@ -483,11 +483,17 @@ def make_slab(d: Path) -> Path:
 
 
 def _same_warnings_as_inspect(out, d):
-    """Issue 11 defect 3: the answer about a CT carries the warnings `inspect` gives for the same file."""
+    """Issue 11 defect 3: the answer about a CT carries the warnings `inspect` gives for the same file, then (only
+    for a scan the out-of-distribution check flags) the check's own sentence."""
+    from engine.ood import OUT_OF_DISTRIBUTION_WARNING
+
     inspected = run_case(Case("inspect-slab", lambda _: ct(make_slab(d)), 0), d)
     assert inspected.payload["looks_like_chest_ct"] is False
-    warnings = out["warnings"] if "warnings" in out else out["indexed"][0]["warnings"]
-    assert warnings == inspected.payload["warnings"], (warnings, inspected.payload["warnings"])
+    answer = out if "warnings" in out else out["indexed"][0]
+    expected = list(inspected.payload["warnings"])
+    if answer["in_distribution"] is False:
+        expected.append(OUT_OF_DISTRIBUTION_WARNING.format(score=answer["ood_score"]))
+    assert answer["warnings"] == expected, (answer["warnings"], expected)
 
 
 @case("ct-slab-with-nan-inspect", 0, "does not look like a chest CT")
