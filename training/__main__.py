@@ -248,9 +248,8 @@ def _speech_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training")
-    sub = parser.add_subparsers(dest="stage", required=True)
+def _add_ctclip_parsers(sub) -> None:
+    """ctclip, ctclip-eval, ctclip-ood, ctclip-export."""
     p = sub.add_parser("ctclip", help="train the CT CLIP")
     p.add_argument("--preset", choices=("demo", "paper"), default="demo")
     p.add_argument("--steps", type=int)
@@ -306,8 +305,10 @@ def main(argv=None) -> int:
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
     x.set_defaults(func=_ctclip_export)
-    _add_generator_stages(sub)
-    _add_x2ct_parsers(sub)
+
+
+def _add_speech_parsers(sub) -> None:
+    """speech, speech-eval."""
     s = sub.add_parser("speech", help="train the speech encoder (SpeechCT-CLIP) against the frozen CT CLIP")
     s.add_argument("--preset", choices=("demo", "paper"), default="demo")
     s.add_argument("--steps", type=int)
@@ -342,6 +343,15 @@ def main(argv=None) -> int:
                    help="a --no-distill checkpoint already evaluated: write the paper's table (text teacher vs speech "
                    "without / with distillation) into this checkpoint's metrics.json as 'comparison'")
     v.set_defaults(func=_speech_eval)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    _add_ctclip_parsers(sub)
+    _add_generator_stages(sub)
+    _add_x2ct_parsers(sub)
+    _add_speech_parsers(sub)
     args = parser.parse_args(argv)
     from engine.errors import UserError
     try:
