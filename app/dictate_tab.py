@@ -13,7 +13,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from app.find_tab import COLUMNS, results_table, result_markdown
+from app.find_tab import COLUMNS, open_library_result, results_table, selected_result_id
 from app.models import CTClipModels, SpeechModels
 from app.viewer import ct_viewer
 from app.zeroshot_panel import zero_shot_figure
@@ -121,16 +121,8 @@ def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | No
     audio.upload(lambda r, kk: on_upload(r, kk, speech, ctclip), [audio, k], [table, results, findings, status])
 
     def open_selected(found, evt: gr.SelectData):
-        row = evt.row_value or []
-        match = [(rank, r) for rank, r in enumerate(found or [], 1) if len(row) > 1 and r["id"] == str(row[1])]
-        if not match:
-            raise gr.Error("Click a row of the results to open it.", print_exception=False)
-        rank, result = match[0]
-        try:
-            volume = ctclip.library().volume(result["id"])
-        except UserError as err:
-            raise _fail(err) from None
-        return volume, None, result_markdown(result, ctclip.library(), rank)
+        _, _, volume, md = open_library_result(ctclip, found, selected_result_id(evt))
+        return volume, None, md
 
     viewer.open_after(table.select(open_selected, results, [viewer.volume, viewer.overlay, report]))
     if demo is not None:

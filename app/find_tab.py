@@ -77,9 +77,80 @@ def _find(results: list[dict], result_id: str) -> tuple[int, dict]:
     raise gr.Error("That result is no longer in the list: search again.", print_exception=False)
 
 
+def open_library_result(models: CTClipModels, found: list[dict], result_id: str):
+    """(rank, result, volume, markdown) of a listed result, opened from the library; one sentence when it fails.
+    Every tab that lists CT studies (Find, Dictate, Chest X-ray) opens a clicked row through here."""
+    rank, result = _find(found, result_id)
+    try:
+        volume = models.library().volume(result["id"])
+    except UserError as err:
+        raise _fail(err) from None
+    return rank, result, volume, result_markdown(result, models.library(), rank)
+
+
+def selected_result_id(evt: gr.SelectData) -> str:
+    """The study id of a clicked results-table row (its second column)."""
+    row = evt.row_value or []
+    if len(row) < 2:
+        raise gr.Error("Click a row of the results to open it.", print_exception=False)
+    return str(row[1])
+
+
+def search_library(models: CTClipModels, text, k_value):
+    """The Find tab's search: (table, results, the query as searched, status line)."""
+    try:
+        library = models.library()
+        latent = models.pipeline().embed_query(text)
+        found = [r.to_json() for r in library.search(latent, int(k_value))]
+    except UserError as err:
+        raise _fail(err) from None
+    if not found:
+        raise gr.Error("The library is empty: there is no CT to search yet.", print_exception=False)
+    line = (f"The **{len(found)}** CTs whose image latents are closest (cosine) to the query. "
+            f"Showing result 1; click another row to open it.")
+    return results_table(found, library), found, " ".join(str(text).split()), line
+
+
+def check_query(text):
+    """A bad query is refused before the search touches the table (no error badge on stale results)."""
+    from engine.query import check_query_text
+
+    try:
+        check_query_text(text)
+    except UserError as err:
+        raise _fail(err) from None
+
+
+def query_heat(models: CTClipModels, n_sliders: int, volume, text, show):
+    """The query's heat map on the opened CT (drawn from HEAT_FLOOR up) and the slices through its peak:
+    (heat map, overlay shown or None, note, one index per slider)."""
+    if volume is None or not text:
+        return None, None, NO_RESULT, *(gr.skip() for _ in range(n_sliders))
+    try:
+        heat_map, score = models.pipeline().heatmap(volume, text)
+    except UserError as err:
+        raise _fail(err) from None
+    shown = display_heat(heat_map)
+    peak = np.unravel_index(int(np.argmax(heat_map)), heat_map.shape)  # (z, y, x): axial, coronal, sagittal
+    note = (f"Heat map of the query on this CT (cosine {score:.3f}): the regions that raise the match, red = "
+            "strongest; the slices go through the strongest one.")
+    return shown, (shown if show else None), note, *(int(index) for index in peak)
+
+
+def library_status(models: CTClipModels) -> str:
+    """On page load: why there is nothing to search, if so (no checkpoint, or latents of another one)."""
+    problem = models.unavailable()
+    if problem:
+        return f"⚠ {problem}"
+    if len(models.library()) == 0:
+        return ("⚠ The demo library has no latents for this checkpoint "
+                "(assets/library/ctclip_embeddings.safetensors was made with another one), so there is "
+                "nothing to search yet.")
+    return ""
+
+
 # --------------------------------------------------------------------------------------------------- the tab
 
-# Reads better whole (122 lines): the layout and the handlers share one set of components through closures.
 def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
     """Build the tab's content in the current context. `models` loads the CT CLIP once per process; when `demo` (the
     enclosing Blocks) is given, the tab says on page load if there is no checkpoint (and how to train one). Returns the
@@ -112,28 +183,9 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
     truth = gr.State(None)      # label dict of the opened result (None for a user's CT)
     heat = gr.State(None)       # the heat map of the opened result, shown or not
 
-    # --- search -----------------------------------------------------------------------------------------------
-    def run_search(text, k_value):
-        try:
-            library = models.library()
-            latent = models.pipeline().embed_query(text)
-            found = [r.to_json() for r in library.search(latent, int(k_value))]
-        except UserError as err:
-            raise _fail(err) from None
-        if not found:
-            raise gr.Error("The library is empty: there is no CT to search yet.", print_exception=False)
-        line = (f"The **{len(found)}** CTs whose image latents are closest (cosine) to the query. "
-                f"Showing result 1; click another row to open it.")
-        return results_table(found, library), found, " ".join(str(text).split()), line
-
     # --- open a result ----------------------------------------------------------------------------------------
     def open_result(result_id, found):
-        rank, result = _find(found, result_id)
-        try:
-            volume = models.library().volume(result["id"])
-        except UserError as err:
-            raise _fail(err) from None
-        md = result_markdown(result, models.library(), rank)
+        rank, result, volume, md = open_library_result(models, found, result_id)
         note = f"Computing where the query matches study {result['id']}…"
         return (volume, None, None, result["labels"], md, note, *waiting_updates())
 
@@ -143,30 +195,15 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
         return open_result(found[0]["id"], found)
 
     def open_selected(found, evt: gr.SelectData):
-        row = evt.row_value or []
-        if len(row) < 2:
-            raise gr.Error("Click a row of the results to open it.", print_exception=False)
-        return open_result(str(row[1]), found)
-
-    def compute_heat(volume, text, show):
-        """The query's heat map on the opened CT (drawn from HEAT_FLOOR up) and the slices through its peak."""
-        if volume is None or not text:
-            return None, None, NO_RESULT, *(gr.skip() for _ in viewer.sliders)
-        try:
-            heat_map, score = models.pipeline().heatmap(volume, text)
-        except UserError as err:
-            raise _fail(err) from None
-        shown = display_heat(heat_map)
-        peak = np.unravel_index(int(np.argmax(heat_map)), heat_map.shape)  # (z, y, x): axial, coronal, sagittal
-        note = (f"Heat map of the query on this CT (cosine {score:.3f}): the regions that raise the match, red = "
-                "strongest; the slices go through the strongest one.")
-        return shown, (shown if show else None), note, *(int(index) for index in peak)
+        return open_result(selected_result_id(evt), found)
 
     open_outputs = [viewer.volume, viewer.overlay, heat, truth, report, heat_note, *panel.outputs]
 
     def wire_open(dependency):
         opened = viewer.open_after(dependency)
-        heated = opened.success(compute_heat, [viewer.volume, searched, show_heat],
+        heated = opened.success(lambda volume, text, show: query_heat(models, len(viewer.sliders), volume, text,
+                                                                      show),
+                                [viewer.volume, searched, show_heat],
                                 [heat, viewer.overlay, heat_note, *viewer.sliders],
                                 show_progress="hidden")
         read = viewer.redraw_after(heated).success(
@@ -174,17 +211,9 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
             show_progress="hidden")
         return read
 
-    def check_query(text):
-        """A bad query is refused before the search touches the table (no error badge on stale results)."""
-        from engine.query import check_query_text
-
-        try:
-            check_query_text(text)
-        except UserError as err:
-            raise _fail(err) from None
-
     checked = gr.on([search.click, query.submit], check_query, query, None, show_progress="hidden")
-    searching = checked.success(run_search, [query, k], [table, results, searched, status], concurrency_limit=1,
+    searching = checked.success(lambda text, k_value: search_library(models, text, k_value), [query, k],
+                                [table, results, searched, status], concurrency_limit=1,
                                 concurrency_id="find-open", api_name="search")
     wire_open(searching.success(open_first, results, open_outputs, concurrency_limit=1, concurrency_id="find-open",
                                 api_name="open_first_result"))
@@ -193,14 +222,5 @@ def find_tab(models: CTClipModels, demo: gr.Blocks | None = None):
                                         viewer.overlay, show_progress="hidden"))
 
     if demo is not None:
-        def model_status():
-            problem = models.unavailable()
-            if problem:
-                return f"⚠ {problem}"
-            if len(models.library()) == 0:
-                return ("⚠ The demo library has no latents for this checkpoint "
-                        "(assets/library/ctclip_embeddings.safetensors was made with another one), so there is "
-                        "nothing to search yet.")
-            return ""
-        demo.load(model_status, None, status, show_progress="hidden")
+        demo.load(lambda: library_status(models), None, status, show_progress="hidden")
     return viewer
