@@ -18,7 +18,7 @@ from training.loop import LoopConfig, lr_at
 from training.train_ldm import LDMStep, LDMTrainConfig, export_generator, train_ldm
 from training.train_vae import VAETrainConfig, train_vae
 
-TINY_RUN = dict(steps=2, batch_size=2, n_generated=3, grid_zyx=TINY_SHAPE, ckpt_every=1, log_every=1)
+TINY_RUN = dict(steps=2, batch_size=2, n_generated=3, n_real=0, grid_zyx=TINY_SHAPE, ckpt_every=1, log_every=1)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,12 @@ def tiny_ctclip_config(small_text: bool = False, **changes) -> CTCLIPConfig:
 
 
 def tiny_vae_config():
-    """The demo autoencoder's family at 8 channels: TINY_SHAPE (16, 32, 32) <-> latent 4 x 4 x 8 x 8."""
+    """The demo autoencoder's family at 8 channels and three levels (4x): TINY_SHAPE (16, 32, 32) <-> latent
+    4 x 4 x 8 x 8."""
     from engine.models.vae import VAEConfig
 
     return VAEConfig.from_dict({**VAEConfig.demo().to_dict(), "preset": "tiny", "channels": (8, 8, 8),
-                                "norm_num_groups": 4})
+                                "num_res_blocks": (1, 1, 1), "latent_channels": 4, "norm_num_groups": 4})
 
 
 def tiny_unet_config(**changes):
@@ -42,7 +43,7 @@ def tiny_unet_config(**changes):
     z, y, x = TINY_SHAPE
     return DiffusionUNetConfig.from_dict({
         **DiffusionUNetConfig.demo().to_dict(), "preset": "tiny", "channels": (8, 16, 16),
-        "num_head_channels": (8, 8, 8), "norm_num_groups": 8, "context_dim": 32, "default_steps": 4,
+        "num_head_channels": (8, 8, 8), "norm_num_groups": 8, "context_dim": 32, "default_steps": 4, "latent_channels": 4,
         "latent_shape": (4, z // 4, y // 4, x // 4), "image_spacing": TINY_SPACING, **changes})
 
 

@@ -91,7 +91,8 @@ def _ctclip_export(args) -> int:
 
 def _generator_overrides(cfg, args):
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                   "seed": args.seed, "n_generated": args.n_generated}.items() if v is not None}
+                                   "seed": args.seed, "n_generated": args.n_generated,
+                                   "n_real": args.n_real}.items() if v is not None}
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     return replace(cfg, **overrides)
@@ -132,6 +133,7 @@ def _add_generator_stages(sub) -> None:
         p.add_argument("--lr", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--n-generated", type=int, help="phantom studies to train on (demo)")
+        p.add_argument("--n-real", type=int, help="phantoms of real CT-RATE reports to train on (demo)")
         p.add_argument("--time-budget-min", type=float, help="stop after this many minutes of training")
         p.add_argument("--out", help=f"run directory (default runs/{stage}-PRESET)")
         p.add_argument("--cache", help="phantom and latent cache (default cache/generator-demo)")

@@ -55,8 +55,8 @@ class LDMTrainConfig:
     log_every: int = 10
     num_workers: int = 0
     context_dropout: float = 0.1  # share of samples trained with a zero context (classifier-free guidance)
-    n_generated: int = 400
-    n_real: int = 0
+    n_generated: int = 2000  # the VAE's phantom studies (training/train_vae.py)
+    n_real: int = 800
     grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX  # phantom render grid (the VAE's input size)
 
     @classmethod

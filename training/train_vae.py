@@ -2,8 +2,9 @@
 
     python -m training vae --preset demo [--steps N] [--time-budget-min M] [--out DIR] [--resume]
 
-Demo: phantom volumes (the CT CLIP's resumable phantom cache, training/ctclip_data.py, its own directory
-cache/generator-demo/) as Text2CT intensity ((HU + 1000) / 2000 in [0, 1]); random crops of `crop_zyx` voxels (the
+Demo: phantom volumes (the CT CLIP's resumable phantom cache, training/ctclip_data.py: by default the very studies the
+demo CT CLIP trained on, 2,000 generated + 800 real-report phantoms, read from its cache cache/ctclip-demo/train so
+they are rendered once for both; another plan gets cache/generator-demo/train) as Text2CT intensity ((HU + 1000) / 2000 in [0, 1]); random crops of `crop_zyx` voxels (the
 network is fully convolutional: crops train the same weights 8x cheaper than whole volumes), loss = L1
 reconstruction + kl_weight x KL to N(0, I). Paper: Text2CT does not train its autoencoder, it uses MAISI's
 published one (engine/convert/text2ct.py loads it); this preset fine-tunes that architecture with MAISI's
@@ -48,8 +49,8 @@ class VAETrainConfig:
     num_workers: int = 0
     kl_weight: float = 1e-6
     crop_zyx: tuple[int, int, int] = (32, 64, 64)  # voxels per training crop; multiples of the downsampling
-    n_generated: int = 400  # phantom studies (seeds 0..n-1)
-    n_real: int = 0  # phantoms of real CT-RATE reports (label-level pairing)
+    n_generated: int = 2000  # phantom studies (seeds 0..n-1): the demo CT CLIP's training plan
+    n_real: int = 800  # phantoms of real CT-RATE reports (label-level pairing)
     grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX  # phantom render grid over the demo field of view
 
     @classmethod
@@ -65,11 +66,16 @@ class VAETrainConfig:
 def generator_phantom_cache(n_generated: int, n_real: int, cache_root: Path | None = None, progress: bool = True,
                             grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX):
     """The generator's phantom studies (int16 HU + reports) on `grid_zyx` voxels over the demo field of view
-    (350 x 350 x 300 mm), rendered once and resumable."""
+    (350 x 350 x 300 mm), rendered once and resumable: cache_root/train, or by default the demo CT CLIP's training
+    cache when the plan is its plan (the same studies), else cache/generator-demo/train."""
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
+    from training.train_ctclip import TrainConfig
 
     spacing = tuple(s * n / g for s, n, g in zip(DEMO_SPACING_XYZ, DEMO_SHAPE_ZYX[::-1], tuple(grid_zyx)[::-1]))
-    root = Path(cache_root or training_cache_dir() / "generator-demo") / "train"
+    ctclip = TrainConfig.demo()
+    shared = (n_generated, n_real, tuple(grid_zyx)) == (ctclip.n_train_generated, ctclip.n_train_real, DEMO_SHAPE_ZYX)
+    default = training_cache_dir() / ("ctclip-demo" if shared else "generator-demo")
+    root = Path(cache_root or default) / "train"
     build_cache(root, CachePlan("train", n_generated, n_real, tuple(grid_zyx), spacing), progress=progress)
     return PhantomCache(root)
 

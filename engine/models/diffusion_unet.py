@@ -1,7 +1,7 @@
 """The latent diffusion U-Net of the generator: MONAI's DiffusionModelUNet family with cross-attention to text.
 
-    noisy latent (B, 4, ...) + timestep (B,) in [0, num_train_timesteps) + context (B, 1, D) [+ spacing (B, 3)]
-        -> prediction (B, 4, ...): the velocity x0 - noise (rectified flow) or the noise (DDPM/DDIM epsilon)
+    noisy latent (B, C, ...) + timestep (B,) in [0, num_train_timesteps) + context (B, 1, D) [+ spacing (B, 3)]
+        -> prediction (B, C, ...): the velocity x0 - noise (rectified flow) or the noise (DDPM/DDIM epsilon)
 
 The context is ONE token: the unit-norm text latent of a CT-aligned text encoder (Text2CT: its CLIP3D text tower,
 D = 768; demo: the demo CT CLIP's text latent, D = 256). A zero context is the unconditional input of
@@ -14,9 +14,9 @@ Two MONAI classes, one family:
   class 1 = CT, no region-index layers), so the `network` attribute loads it with no renaming. Flash attention is
   off (the class refuses it on a CPU; the weights are the same).
 - demo: `monai.networks.nets.DiffusionModelUNet`, channels (32, 64, 128), attention at the lowest level only: 8.5 M
-  parameters, 0.46 s per guided step (batch 2) on the demo latent 4 x 16 x 32 x 32 on two cores
-  (../shared/notes/generation-evidence.md: attention at two levels costs 2x, wider channels 3x). No spacing input:
-  every demo volume has the demo grid's spacing.
+  parameters (../shared/notes/generation-evidence.md: attention at two levels costs 2x, wider channels 3x), on the
+  demo VAE's 8 x 8 x 16 x 16 latent (8x cheaper per step than the 4x latent 4 x 16 x 32 x 32; docs/generation.md).
+  No spacing input: every demo volume has the demo grid's spacing.
 
 The config also carries what the weights were trained to make (prediction type, latent scale factor, latent grid,
 voxel spacing and array axes): a checkpoint folder says by itself how to sample from it.
@@ -68,14 +68,16 @@ class DiffusionUNetConfig(ModelConfig):
 
     @classmethod
     def demo(cls) -> "DiffusionUNetConfig":
-        """8.5 M parameters on the demo latent (the demo grid 64 x 128 x 128 / 4), context = demo CT CLIP's 256-d
-        text latent. Rectified flow: straight paths sample well in 15-20 Euler steps, which the CPU budget needs.
-        scale_factor is replaced by the LDM trainer with 1 / std of the demo latents."""
+        """8.5 M parameters on the demo VAE's latent 8 x 8 x 16 x 16 (the demo grid 64 x 128 x 128 / 8; VAEConfig.demo),
+        context = the demo CT CLIP's 256-d text latent. A training step (batch 8) costs 0.6 s on one core here, a
+        guided sampling step a few hundredths of a second (docs/generation.md). Rectified flow: straight paths sample
+        well in 15-20 Euler steps. scale_factor is replaced by the LDM trainer with 1 / std of the demo latents."""
         z, y, x = DEMO_SHAPE_ZYX
-        return cls(preset="demo", network="generic", channels=(32, 64, 128), attention_levels=(False, False, True),
-                   num_head_channels=(32, 32, 32), num_res_blocks=1, context_dim=256, resblock_updown=False,
-                   include_fc=True, spacing_input=False, num_class_embeds=None, default_steps=15, scale_factor=1.0,
-                   latent_shape=(4, z // 4, y // 4, x // 4), image_spacing=tuple(DEMO_SPACING_XYZ), axes="LPS-zyx")
+        return cls(preset="demo", network="generic", latent_channels=8, channels=(32, 64, 128),
+                   attention_levels=(False, False, True), num_head_channels=(32, 32, 32), num_res_blocks=1,
+                   context_dim=256, resblock_updown=False, include_fc=True, spacing_input=False, num_class_embeds=None,
+                   default_steps=15, scale_factor=1.0, latent_shape=(8, z // 8, y // 8, x // 8),
+                   image_spacing=tuple(DEMO_SPACING_XYZ), axes="LPS-zyx")
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
