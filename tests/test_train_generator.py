@@ -14,8 +14,10 @@ from engine.models.vae import CTAutoencoder
 from engine.pipelines.ctclip import CTClipPipeline
 from engine.pipelines.generate import GeneratePipeline
 from tests.tiny_models import TINY_SHAPE, tiny_ctclip_config, tiny_unet_config, tiny_vae_config
+from training.ctclip_data import PhantomCache
 from training.loop import LoopConfig, lr_at
-from training.train_ldm import LDMStep, LDMTrainConfig, export_generator, train_ldm
+from training.train_ldm import (LDMStep, LDMTrainConfig, context_encoder_for, export_generator, precompute_vae_latents,
+                                study_indices, train_ldm)
 from training.train_vae import VAETrainConfig, train_vae
 
 TINY_RUN = dict(steps=2, batch_size=2, n_generated=3, n_real=0, grid_zyx=TINY_SHAPE, ckpt_every=1, log_every=1)
@@ -47,15 +49,38 @@ def test_vae_run_writes_a_loadable_autoencoder_and_resumes(trained):
 
 
 def test_ldm_latents_are_computed_once_and_set_the_scale_factor(trained):
-    root, _, _, _, summary = trained
+    root, ctclip, _, _, summary = trained
     files = list((root / "cache").glob("latents-*.pt"))
-    assert len(files) == 1
+    assert len(files) == 1 and not list((root / "cache").glob("*.partial"))
     stored = torch.load(files[0], weights_only=True)
-    assert stored["latents"].shape == (3, 4, 4, 8, 8) and stored["text"].shape == (3, 32)
+    assert stored["latents"].shape == (3, 4, 4, 8, 8) and stored["indices"].tolist() == [0, 1, 2]
+    contexts = torch.load(next((root / "cache").glob("contexts-*.pt")), weights_only=True)
+    reports = [r["report"] for r in PhantomCache(root / "cache" / "train").records]
+    assert np.allclose(contexts.numpy(), ctclip.embed_texts(reports), atol=1e-5)  # the CT CLIP's text latents
     assert summary["scale_factor"] == pytest.approx(1.0 / float(stored["latents"].std()), rel=1e-6)
     unet = DiffusionUNet.from_pretrained(root / "ldm" / "model")
     assert unet.config.scale_factor == pytest.approx(summary["scale_factor"], rel=1e-6)
-    assert unet.config.context_dim == 32
+    assert unet.config.context_dim == 32 and unet.config.context_encoder == "ctclip"
+
+
+def test_study_indices_spread_over_the_cache():
+    assert study_indices(10, 0) == list(range(10)) and study_indices(3, 5) == [0, 1, 2]
+    assert study_indices(2800, 4) == [0, 933, 1866, 2799]   # generated (first 2,000) and real-report studies both
+
+
+def test_vae_latents_resume_from_a_partial_pass(tmp_path):
+    class Cache:   # three constant volumes: latent k is the encoding of volume k
+        def hu(self, i):
+            return np.full(TINY_SHAPE, -1000 + 500 * i, dtype=np.int16)
+
+    vae = CTAutoencoder(tiny_vae_config()).eval()
+    path = tmp_path / "latents.pt"
+    full = precompute_vae_latents(Cache(), vae, [0, 1, 2], tmp_path / "full.pt", progress=False)
+    torch.save({"latents": full["latents"][:2] + 1.0}, path.with_suffix(".partial"))  # marked: must be kept
+    resumed = precompute_vae_latents(Cache(), vae, [0, 1, 2], path, progress=False)
+    assert torch.equal(resumed["latents"][:2], full["latents"][:2] + 1.0)
+    assert torch.allclose(resumed["latents"][2], full["latents"][2])
+    assert not path.with_suffix(".partial").exists()
 
 
 def test_context_dropout_one_makes_the_loss_blind_to_the_text():
@@ -92,3 +117,13 @@ def test_fid_3d_is_zero_for_identical_sets_and_grows_with_a_shift():
     assert fid_3d(real, real) == pytest.approx(0.0, abs=1e-6)
     # equal covariances: FID = |mean difference|^2 = 4 * 0.5^2 (hand-worked), up to sampling of the same set
     assert fid_3d(real + 0.5, real) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_unaligned_context_encoder_is_unit_norm_and_ignores_padding():
+    encode = context_encoder_for("minilm-mean")
+    short = "Right pleural effusion."
+    alone, batched = encode([short]), encode([short, "Emphysema in both upper lobes with a small hiatal hernia."])
+    assert alone.shape == (1, 384) and np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(alone[0], batched[0], atol=1e-5)      # the padding of the batch does not leak into the mean
+    with pytest.raises(ValueError):
+        context_encoder_for("bert")

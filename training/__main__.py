@@ -110,6 +110,10 @@ def _vae(args) -> int:
 def _ldm(args) -> int:
     from training.train_ldm import LDMTrainConfig, default_run, train_ldm
     cfg = _generator_overrides(LDMTrainConfig.demo() if args.preset == "demo" else LDMTrainConfig.paper(), args)
+    if args.context_encoder:
+        cfg = replace(cfg, model=replace(cfg.model, context_encoder=args.context_encoder))
+    if args.n_studies is not None:
+        cfg = replace(cfg, n_studies=args.n_studies)
     out = Path(args.out or default_run("ldm", cfg.preset))
     vae = Path(args.vae or default_run("vae", cfg.preset) / "model")
     print(json.dumps(train_ldm(cfg, out, vae, cache_root=args.cache, resume=args.resume)))
@@ -140,6 +144,11 @@ def _add_generator_stages(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
         if stage == "ldm":
             p.add_argument("--vae", help="the autoencoder folder (default runs/vae-PRESET/model)")
+            p.add_argument("--n-studies", type=int, help="demo: studies to encode and train on, spread evenly over "
+                           "the phantom cache (default all; each costs about a second of VAE encoding)")
+            p.add_argument("--context-encoder", choices=("ctclip", "minilm-mean"),
+                           help="demo: condition on the CT CLIP's text latent (default) or, for the ablation 'text "
+                           "encoder not aligned with CT', on all-MiniLM-L6-v2 mean-pooled")
         p.set_defaults(func=_vae if stage == "vae" else _ldm)
     x = sub.add_parser("ldm-export", help="copy a trained autoencoder and U-Net to assets/generator (float16)")
     x.add_argument("--vae", default=str(settings.training_runs_dir() / "vae-demo" / "model"))

@@ -4,9 +4,12 @@
     python -m training ldm-export [--vae DIR] [--unet DIR] [--out assets/generator]
 
 What is the LDM's (everything else is the loop's):
-- latents precomputed ONCE with the frozen VAE (posterior means of every cached phantom) and the text latents of
-  their reports with the frozen CT CLIP, cached together in cache/generator-demo/latents-<vae id>-<ctclip id>.pt
-  (a retrained CT CLIP or VAE gets a new file: retraining is the same command);
+- latents precomputed ONCE with the frozen VAE (posterior means of the training phantoms; resumable, about a second
+  of CPU per study) in cache/generator-demo/latents-<vae id>-....pt, and the context latents of their reports with
+  the frozen text encoder in contexts-<encoder id>-....pt (a retrained CT CLIP or VAE gets a new file: retraining is
+  the same command);
+- the context encoder is the U-Net config's `context_encoder`: the demo CT CLIP's text side ("ctclip"), or for the
+  ablation "text encoder not aligned with CT" all-MiniLM-L6-v2 mean-pooled ("minilm-mean", `--context-encoder`);
 - the latent scale factor = 1 / std(latents) (Text2CT: of its first batch), written into the U-Net's config;
 - 10 % of the samples get a ZERO context (classifier-free guidance's unconditional input);
 - the objective of the config's prediction type, noising and targets from engine/pipelines/generate.py (the one
@@ -22,6 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -57,6 +61,7 @@ class LDMTrainConfig:
     context_dropout: float = 0.1  # share of samples trained with a zero context (classifier-free guidance)
     n_generated: int = 2000  # the VAE's phantom studies (training/train_vae.py)
     n_real: int = 800
+    n_studies: int = 0  # studies to train on, spread evenly over the cache (0 = all): each costs one VAE encoding
     grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX  # phantom render grid (the VAE's input size)
 
     @classmethod
@@ -82,23 +87,61 @@ def study_text(record: dict) -> str:
     return record.get("real_report") or record["report"]
 
 
+def study_indices(n_cached: int, n_studies: int) -> list[int]:
+    """Which cached studies the LDM trains on: all (n_studies 0), else n_studies spread evenly over the cache (so
+    generated and real-report studies keep their shares)."""
+    if n_studies <= 0 or n_studies >= n_cached:
+        return list(range(n_cached))
+    return sorted({int(i) for i in np.linspace(0, n_cached - 1, n_studies).round()})
+
+
 @torch.inference_mode()
-def precompute_latents(cache, vae: CTAutoencoder, ctclip, path: Path, progress: bool = True) -> dict:
-    """{"latents" (N, C, ...) VAE posterior means, "text" (N, D) unit text latents, "scale_factor"} for every
-    cached study, computed once and kept in `path`."""
+def precompute_vae_latents(cache, vae: CTAutoencoder, indices: list[int], path: Path, progress: bool = True,
+                           save_every: int = 50) -> dict:
+    """{"latents" (N, C, ...) VAE posterior means of the studies `indices`, "indices", "scale_factor" = 1 / std}
+    computed once and kept in `path`; an interrupted pass resumes (PATH.partial is saved every `save_every`)."""
     if path.is_file():
         return torch.load(path, weights_only=True)
-    latents = []
-    for i in tqdm(range(len(cache)), desc="latents", disable=not progress):
-        unit = hu_to_unit(torch.from_numpy(cache.hu(i)))[None, None]
-        latents.append(vae.encode(unit)[0])
-    latents = torch.stack(latents)
-    texts = [study_text(r) for r in cache.records]
-    text = torch.from_numpy(ctclip.embed_texts(texts))
-    out = {"latents": latents, "text": text, "scale_factor": torch.tensor(1.0 / float(latents.std()))}
+    partial = path.with_suffix(".partial")
+    done = torch.load(partial, weights_only=True)["latents"] if partial.is_file() else []
+    latents = list(done)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for k in tqdm(range(len(latents), len(indices)), desc="latents", disable=not progress, initial=len(latents),
+                  total=len(indices), unit="study"):
+        unit = hu_to_unit(torch.from_numpy(np.asarray(cache.hu(indices[k]))))[None, None]
+        latents.append(vae.encode(unit)[0])
+        if (k + 1) % save_every == 0:
+            torch.save({"latents": torch.stack(latents)}, partial)
+    latents = torch.stack(latents)
+    out = {"latents": latents, "indices": torch.tensor(indices),
+           "scale_factor": torch.tensor(1.0 / float(latents.std()))}
     torch.save(out, path)
+    partial.unlink(missing_ok=True)
     return out
+
+
+def context_encoder_for(name: str, ctclip=None):
+    """texts -> (N, D) unit latents: the CT CLIP's text side ("ctclip", default the shipped one) or the
+    unaligned sentence encoder of the ablation ("minilm-mean")."""
+    if name == "minilm-mean":
+        from engine.models.text import SentenceMeanEncoder
+
+        return SentenceMeanEncoder()
+    if name != "ctclip":
+        raise ValueError(f"the demo LDM is conditioned on 'ctclip' or 'minilm-mean', not {name!r}")
+    from engine.pipelines.ctclip import CTClipPipeline
+
+    return (ctclip or CTClipPipeline.from_pretrained(preset="demo")).embed_texts
+
+
+def precompute_contexts(texts: list[str], encode, path: Path) -> torch.Tensor:
+    """(N, D) context latents of the studies' reports, computed once and kept in `path`."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    text = torch.from_numpy(np.asarray(encode(texts), dtype=np.float32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(text, path)
+    return text
 
 
 class LatentTexts(torch.utils.data.Dataset):
@@ -147,14 +190,22 @@ def train_ldm(cfg: LDMTrainConfig, out_dir: Path, vae_dir: Path, ctclip=None, ca
         raise NotImplementedError("the paper LDM trains on CT-RATE latents; its dataset loader is not written yet")
     out_dir, vae_dir = Path(out_dir), Path(vae_dir)
     loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="ldm")
-    ctclip = ctclip or CTClipPipeline.from_pretrained(preset="demo")
     vae = CTAutoencoder.from_pretrained(vae_dir)
     cache = generator_phantom_cache(cfg.n_generated, cfg.n_real, cache_root, progress and loop.dist.main,
                                     cfg.grid_zyx)
     cache_dir = Path(cache_root or training_cache_dir() / "generator-demo")
-    ctclip_id = folder_id(ctclip.directory) if ctclip.directory else ctclip.model_id
-    stored = precompute_latents(cache, vae, ctclip, cache_dir / f"latents-{folder_id(vae_dir)}-{ctclip_id}-"
-                                f"{len(cache)}.pt", progress and loop.dist.main)
+    indices = study_indices(len(cache), cfg.n_studies)
+    stored = precompute_vae_latents(cache, vae, indices, cache_dir / f"latents-{folder_id(vae_dir)}-"
+                                    f"{len(cache)}-{len(indices)}.pt", progress and loop.dist.main)
+    encoder_name = cfg.model.context_encoder
+    if encoder_name == "ctclip":
+        ctclip = ctclip or CTClipPipeline.from_pretrained(preset="demo")
+        encoder_id = folder_id(ctclip.directory) if ctclip.directory else ctclip.model_id
+    else:
+        encoder_id = encoder_name
+    texts = [study_text(cache.records[i]) for i in indices]
+    stored["text"] = precompute_contexts(texts, context_encoder_for(encoder_name, ctclip),
+                                         cache_dir / f"contexts-{encoder_id}-{len(cache)}-{len(indices)}.pt")
     scale = float(stored["scale_factor"])
     model_config = replace(cfg.model, scale_factor=scale, context_dim=int(stored["text"].shape[1]),
                            latent_shape=tuple(stored["latents"].shape[1:]), image_spacing=cache.spacing_xyz)

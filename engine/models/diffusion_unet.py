@@ -31,6 +31,7 @@ from engine.models.base import ModelConfig, PretrainedModel
 from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ
 
 PREDICTIONS = ("velocity", "epsilon")
+CONTEXT_ENCODERS = ("clip3d", "ctclip", "minilm-mean")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class DiffusionUNetConfig(ModelConfig):
     num_res_blocks: int = 2
     norm_num_groups: int = 32
     context_dim: int = 768  # size of the one context token (the text latent)
+    # which text encoder makes the context: "clip3d" (Text2CT's CT-aligned CLIP3D text tower), "ctclip" (the demo
+    # CT CLIP's text latent) or "minilm-mean" (all-MiniLM-L6-v2 mean-pooled, NOT aligned with CT: the ablation)
+    context_encoder: str = "clip3d"
     resblock_updown: bool = True
     include_fc: bool = True
     spacing_input: bool = True  # MAISI: voxel spacing (x, y, z) mm x 100 is embedded with the timestep
@@ -75,13 +79,16 @@ class DiffusionUNetConfig(ModelConfig):
         z, y, x = DEMO_SHAPE_ZYX
         return cls(preset="demo", network="generic", latent_channels=8, channels=(32, 64, 128),
                    attention_levels=(False, False, True), num_head_channels=(32, 32, 32), num_res_blocks=1,
-                   context_dim=256, resblock_updown=False, include_fc=True, spacing_input=False, num_class_embeds=None,
+                   context_dim=256, context_encoder="ctclip", resblock_updown=False, include_fc=True,
+                   spacing_input=False, num_class_embeds=None,
                    default_steps=15, scale_factor=1.0, latent_shape=(8, z // 8, y // 8, x // 8),
                    image_spacing=tuple(DEMO_SPACING_XYZ), axes="LPS-zyx")
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, not {self.prediction!r}")
+        if self.context_encoder not in CONTEXT_ENCODERS:
+            raise ValueError(f"context_encoder must be one of {CONTEXT_ENCODERS}, not {self.context_encoder!r}")
         if self.axes not in ("RAS-xyz", "LPS-zyx"):
             raise ValueError(f"axes must be 'RAS-xyz' or 'LPS-zyx', not {self.axes!r}")
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -294,3 +295,30 @@ class FrozenTextPrefix:
         if top < n_layers:
             hidden = cls_only_bert_layer(self.bert.encoder.layer[top], hidden, mask)
         return hidden[:, 0]
+
+
+# ------------------------------------------------------------------------------------- a text encoder not aligned
+class SentenceMeanEncoder:
+    """all-MiniLM-L6-v2 as a plain sentence encoder: mean of the last hidden states over the real tokens, unit norm
+    ((N, 384) float32). Never trained on CT: the generator's ablation "text encoder not aligned with CT" (Text2CT's
+    comparison of its CT-aligned CLIP3D with a general text encoder) conditions on this instead of the CT CLIP's
+    text latent. The pooling is sentence-transformers' (mean over the attention mask), written here in three lines
+    rather than adding that package."""
+
+    def __init__(self, max_length: int = 512):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+        self.model = AutoModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str], batch_size: int = 16) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"][..., None].to(hidden.dtype)
+                out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1))
+        return torch.cat(out).float().numpy()

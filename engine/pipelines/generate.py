@@ -145,6 +145,10 @@ class GeneratePipeline:
                 ctclip = CTClipPipeline.from_pretrained(preset="demo")
             vae = CTAutoencoder.from_pretrained(directory / "vae")
             unet = DiffusionUNet.from_pretrained(directory / "unet")
+            if unet.config.context_encoder == "minilm-mean":  # the ablation: conditioned on a text encoder not
+                from engine.models.text import SentenceMeanEncoder  # aligned with CT, still read by the CT CLIP
+
+                return cls(vae, unet, SentenceMeanEncoder(), reader=ctclip, model_id=f"generator:{directory.name}")
             if unet.config.context_dim != ctclip.prompt_latents.shape[-1]:
                 raise UserError(f"The generator in '{directory}' was trained with another CT CLIP (context size "
                                 f"{unet.config.context_dim}); retrain it with 'python -m training ldm --preset demo'.")
