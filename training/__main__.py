@@ -11,6 +11,7 @@
     python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm-export [--vae DIR] [--unet DIR] [--out assets/generator]
+    python -m training generate-eval [--generator assets/generator] [--n 60] [--n-sweep 24] [--ablation DIR]
     python -m training x2ct --preset demo|paper [--backbone resnet|swin] [--beta B --gamma G] [--n-train N]
                             [--n-test N] [--steps N] [--time-budget-min M] [--out DIR] [--cache DIR] [--resume]
     python -m training x2ct-eval --checkpoint runs/x2ct-demo/model [--cache DIR]
@@ -120,6 +121,15 @@ def _ldm(args) -> int:
     return 0
 
 
+def _generate_eval(args) -> int:
+    from training.eval_generate import evaluate
+    metrics = evaluate(args.generator, n=args.n, n_sweep=args.n_sweep, steps=args.steps, guidance=args.guidance,
+                       ablation_dir=args.ablation, cache_root=args.cache, out=args.out)
+    print(json.dumps({k: metrics[k] for k in ("factual_correctness_macro_auroc", "factual_correctness_ratio",
+                                              "fid_3d_ctclip_latent")}))
+    return 0
+
+
 def _ldm_export(args) -> int:
     from training.train_ldm import export_generator
     print(json.dumps(export_generator(Path(args.vae), Path(args.unet), Path(args.out))))
@@ -155,6 +165,17 @@ def _add_generator_stages(sub) -> None:
     x.add_argument("--unet", default=str(settings.training_runs_dir() / "ldm-demo" / "model"))
     x.add_argument("--out", default=str(settings.ASSETS / "generator"))
     x.set_defaults(func=_ldm_export)
+    e = sub.add_parser("generate-eval", help="evaluate a generator on held-out reports (factual correctness, FID "
+                       "3-D and 2.5-D, guidance sweep, ablation) into GENERATOR/metrics.json")
+    e.add_argument("--generator", default=str(settings.ASSETS / "generator"))
+    e.add_argument("--n", type=int, default=60, help="held-out reports to generate from")
+    e.add_argument("--n-sweep", type=int, default=24, help="reports per guidance scale of the sweep 0..10")
+    e.add_argument("--steps", type=int, help="sampling steps (default: the U-Net config's)")
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--ablation", help="a generator folder trained with --context-encoder minilm-mean")
+    e.add_argument("--cache", help="phantom cache root holding test/ (default cache/ctclip-demo)")
+    e.add_argument("--out", help="metrics.json path (default GENERATOR/metrics.json)")
+    e.set_defaults(func=_generate_eval)
 
 
 def _x2ct(args) -> int:
