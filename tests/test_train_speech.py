@@ -87,10 +87,10 @@ def test_synthesis_only_plans_every_clip_queries_first_and_loads_no_ct_clip(tmp_
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     phases = json.loads(done.stdout.strip().splitlines()[-1])["synthesis"]
-    assert list(phases) == ["train queries", "test queries", "spoken zero-shot prompts", "espeak-ng test split",
+    assert list(phases) == ["espeak-ng train split", "train queries", "test queries", "spoken zero-shot prompts", "espeak-ng test split",
                             "real reports (acceptance test)", "test reports", "train reports"]
     counts = {name: phase["clips"] for name, phase in phases.items()}
-    assert counts == {"train queries": 3, "test queries": 2, "spoken zero-shot prompts": len(all_zero_shot_prompts()),
+    assert counts == {"espeak-ng train split": 3, "train queries": 3, "test queries": 2, "spoken zero-shot prompts": len(all_zero_shot_prompts()),
                       "espeak-ng test split": 4, "real reports (acceptance test)": 6, "test reports": 2,
                       "train reports": 3}
     assert all(phase["made"] == 0 and phase["skipped"] == phase["clips"] for phase in phases.values())

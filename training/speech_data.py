@@ -36,7 +36,10 @@ from engine.errors import UserError
 TRAIN_VOICES = ("af_heart", "af_bella", "af_nicole", "af_sarah", "af_jessica", "am_adam", "am_michael", "am_liam",
                 "am_onyx", "am_echo", "bf_emma", "bf_lily", "bm_george", "bm_fable")
 EVAL_VOICES = ("af_sky", "af_nova", "af_river", "am_eric", "am_fenrir", "bf_isabella", "bm_lewis", "bm_daniel")
-ESPEAK_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m2", "en-gb+f2")
+ESPEAK_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m2", "en-gb+f2")   # evaluation (robustness to a robotic voice)
+# training's espeak-ng voices, none of the evaluation's: the robustness source that reads the long training reports
+# (about 90 s each: 10 h of Kokoro speech for 400 studies, about 10 h of CPU here, against minutes with espeak-ng)
+ESPEAK_TRAIN_VOICES = ("en-us+m1", "en-us+f1", "en-us+m5", "en-gb+m4", "en-gb+f4", "en-gb-scotland+m6")
 SPEED_RANGE = (0.9, 1.1)
 ESPEAK_WORDS_PER_MINUTE = 150      # espeak-ng's rate at speed 1.0 (its default 175 is hurried for dictation)
 

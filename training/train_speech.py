@@ -52,6 +52,7 @@ class SpeechTrainConfig:
     n_test_studies: int = 100            # test-split phantom studies for evaluation
     texts: tuple = ("query", "report")  # clips are made in this order (all queries, then reports) until the budget
     synthesis_budget_cpu_s: float = 3600.0
+    espeak_train_texts: tuple = ("report",)  # also read these training texts with espeak-ng (ESPEAK_TRAIN_VOICES)
     lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0})
     cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
@@ -230,17 +231,18 @@ def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, v
     items = [SpeechItem(clip.key, study, ct[study], text[j]) for j, ((study, _, _), clip) in enumerate(zip(texts, clips))
              if synthesizer.path(clip).is_file()]
     return {"items": items, "clips": {c.key: c for c in clips}, "kinds": [k for _, k, _ in texts],
+            "kind_of": {clip.key: kind for (_, kind, _), clip in zip(texts, clips)},
             "records": studies.records, "labels": studies.label_matrix(), "ct": ct, "synthesis": report,
             "synthesizer": synthesizer}
 
 
 def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
-    them: the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap),
+    them: the training reports read by espeak-ng (minutes of CPU for hours of speech), the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap),
     the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, then the training
     reports (about 90 s each, the bulk of the CPU)."""
     from training.eval_speech import prompt_clips, real_report_clips
-    from training.speech_data import ESPEAK_VOICES, EVAL_VOICES, TRAIN_VOICES
+    from training.speech_data import ESPEAK_TRAIN_VOICES, ESPEAK_VOICES, EVAL_VOICES, TRAIN_VOICES
 
     def by_kind(split, voices, engine="kokoro"):
         _, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress, workers=1)
@@ -248,7 +250,9 @@ def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = Tr
 
     train, test = by_kind("train", TRAIN_VOICES), by_kind("test", EVAL_VOICES)
     espeak = by_kind("test", ESPEAK_VOICES, engine="espeak")
-    return [("train queries", train.get("query", [])), ("test queries", test.get("query", [])),
+    espeak_train = by_kind("train", ESPEAK_TRAIN_VOICES, engine="espeak")
+    return [("espeak-ng train split", [c for kind in cfg.espeak_train_texts for c in espeak_train[kind]]),
+            ("train queries", train.get("query", [])), ("test queries", test.get("query", [])),
             ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
             ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
             ("real reports (acceptance test)", [clip for _, clip in real_report_clips()]),
@@ -293,7 +297,7 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
           progress: bool = True) -> dict:
     """Prepare (or reuse) the data and caches, train through training/loop.py, export OUT/model (save_pretrained)."""
     from engine.settings import training_cache_dir
-    from training.speech_data import TRAIN_VOICES
+    from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES
 
     if cfg.preset != "demo":
         return train_paper(cfg, out_dir, resume=resume, progress=progress)
@@ -305,6 +309,12 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
     pipeline = ctclip_pipeline()
     data = demo_split(cfg, "train", cache_root, pipeline, TRAIN_VOICES, budget_cpu_s=cfg.synthesis_budget_cpu_s,
                       progress=progress)
+    if cfg.espeak_train_texts:      # the robustness source: espeak-ng reads what Kokoro's budget could not
+        espeak = demo_split(cfg, "train", cache_root, pipeline, ESPEAK_TRAIN_VOICES, engine="espeak",
+                            progress=progress)
+        data["items"] += [item for item in espeak["items"] if espeak["kind_of"][item.key] in cfg.espeak_train_texts]
+        data["clips"].update(espeak["clips"])
+        data["synthesis"] = {"kokoro": data["synthesis"], "espeak-ng": espeak["synthesis"]}
     if len(data["items"]) < 2:
         raise SystemExit("fewer than 2 training clips were made: raise the synthesis budget")
     model = SpeechEncoder.from_whisper(cfg.model_config(pipeline.model.config.latent_dim), seed=cfg.seed)
