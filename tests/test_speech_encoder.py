@@ -49,12 +49,30 @@ def test_spoken_frames_and_windows(encoder):
     assert hidden.shape == (450, 384)  # the demo encodes the spoken frames only
 
 
-def test_top_layers_only_are_trainable(encoder):
-    trainable = {".".join(n.split(".")[:2]) for n, p in encoder.named_parameters() if p.requires_grad}
-    assert trainable == {"whisper.layers", "whisper.layer_norm", "to_latent.weight"}
-    layers = {int(n.split(".")[2]) for n, p in encoder.named_parameters() if p.requires_grad and ".layers." in n}
-    assert layers == {2, 3}
-    assert not encoder.whisper.conv1.weight.requires_grad
+def test_what_is_trainable(encoder):
+    """Demo: Whisper frozen whole, the attention pooling and the head train; paper: the top 2 layers too."""
+    from dataclasses import replace
+
+    trainable = {n.split(".")[0] for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"pool_queries", "pool_attention", "to_latent"}
+    assert encoder.to_latent.in_features == 4 * 384           # 4 learned queries, each a 384-d output
+    paper_like = SpeechEncoder.from_whisper(replace(encoder.config, trainable_layers=2, pooling="mean"), seed=0)
+    layers = {int(n.split(".")[2]) for n, p in paper_like.named_parameters() if p.requires_grad and ".layers." in n}
+    assert layers == {2, 3} and not paper_like.whisper.conv1.weight.requires_grad
+
+
+def test_attention_pooling_reads_only_the_spoken_frames(encoder, sentence):
+    window = encoder.window(sentence)
+    with torch.no_grad():
+        hidden = encoder.run_encoder(window)
+        pooled = encoder.pool(hidden, window)
+        assert pooled.shape == (4 * 384,)
+        padded = torch.cat([hidden, 100 * torch.randn(50, hidden.shape[1])])   # frames past the spoken ones
+        assert torch.equal(encoder.pool(padded, window), pooled)
+        # the frames' order carries nothing here (no positions in the pooling), their content does
+        assert torch.allclose(encoder.pool(hidden.flip(0), window), pooled, atol=1e-5)
+        first_half = encoder.pool(hidden, type(window)(mel=window.mel, spoken_frames=window.spoken_frames // 2))
+        assert not torch.allclose(first_half, pooled, atol=1e-3)
 
 
 def test_streaming_cache_gives_the_same_latent(encoder, sentence):

@@ -61,7 +61,12 @@ def test_loss_is_contrastive_plus_distillation(model, clips, tmp_path):
     assert torch.allclose(logs["distill"], expected_distill, atol=1e-5)
 
 
-def test_only_the_top_is_trained(model, clips, tmp_path):
+def test_only_the_top_is_trained(clips, tmp_path):
+    """Two trainable Whisper layers (the paper's recipe, mean pooling): layers 2-3 and the head move, 0-1 do not."""
+    from dataclasses import replace
+
+    config = replace(SpeechEncoderConfig.demo(latent_dim=16), trainable_layers=2, pooling="mean")
+    model = SpeechEncoder.from_whisper(config, seed=0)
     cache = WhisperPrefixCache(model, tmp_path)
     batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
     ct = F.normalize(torch.randn(3, 16), dim=-1)
@@ -73,6 +78,35 @@ def test_only_the_top_is_trained(model, clips, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "to_latent.weight" in changed and any(n.startswith("whisper.layers.3.") for n in changed)
     assert not any(n.startswith(("whisper.layers.0.", "whisper.layers.1.", "whisper.conv")) for n in changed)
+
+
+def test_demo_trains_the_attention_pooling_and_head_only(model, clips, tmp_path):
+    cache = WhisperPrefixCache(model, tmp_path)
+    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
+    ct = F.normalize(torch.randn(3, 16), dim=-1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = make_optimizer_factory(model, SpeechTrainConfig(lr=1e-3))()
+    loss, _ = SpeechStep(model, 10.0, 1.0)(batch, ct, ct)
+    loss.backward()
+    optimizer.step()
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"pool_queries", "pool_attention", "to_latent"}
+
+
+def test_a_deeper_prefix_continues_from_a_shallower_cache(clips, tmp_path):
+    """The demo caches the whole encoder's output; a clip cached two layers deep (another trainable_layers) is
+    continued from there, and gives what the audio gives."""
+    from dataclasses import replace
+
+    demo = SpeechEncoderConfig.demo(latent_dim=16)
+    shallow = SpeechEncoder.from_whisper(replace(demo, trainable_layers=2), seed=0)
+    WhisperPrefixCache(shallow, tmp_path).get("clip1", lambda: clips["clip1"])
+    deep = SpeechEncoder.from_whisper(demo, seed=0)
+    continued = WhisperPrefixCache(deep, tmp_path).get("clip1", lambda: pytest.fail("must continue from the cache"))
+    direct = WhisperPrefixCache(deep, tmp_path / "other").get("clip1", lambda: clips["clip1"])
+    assert continued[0][1] == direct[0][1]
+    assert torch.allclose(continued[0][0].float(), direct[0][0].float(), atol=0.05)   # float16 prefix in between
+    assert F.cosine_similarity(continued[0][0].float().flatten(), direct[0][0].float().flatten(), dim=0) > 0.9999
 
 
 def test_synthesis_only_plans_every_clip_queries_first_and_loads_no_ct_clip(tmp_path):

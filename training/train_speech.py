@@ -53,7 +53,7 @@ class SpeechTrainConfig:
     texts: tuple = ("query", "report")  # clips are made in this order (all queries, then reports) until the budget
     synthesis_budget_cpu_s: float = 3600.0
     espeak_train_texts: tuple = ("report",)  # also read these training texts with espeak-ng (ESPEAK_TRAIN_VOICES)
-    lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0})
+    lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0, "pool": 1.0})
     cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
     audio_dir: str = ""
@@ -68,7 +68,7 @@ class SpeechTrainConfig:
     def paper(cls) -> "SpeechTrainConfig":
         """SpeechCT-CLIP: Adam lr 1.25e-6, batch 8, 100k steps (one A100-80GB)."""
         return cls(preset="paper", steps=100_000, batch_size=8, lr=1.25e-6, warmup_steps=0, schedule="constant",
-                   grad_clip=0.0, ckpt_every=1000, lr_multipliers={"whisper": 1.0, "to_latent": 1.0})
+                   grad_clip=0.0, ckpt_every=1000, lr_multipliers={"whisper": 1.0, "to_latent": 1.0, "pool": 1.0})
 
     def model_config(self, latent_dim: int) -> SpeechEncoderConfig:
         cfg = SpeechEncoderConfig.demo(latent_dim) if self.preset == "demo" else SpeechEncoderConfig.paper()
@@ -83,22 +83,41 @@ class WhisperPrefixCache:
     named by the clip's key and the encoder's frozen depth; made once."""
 
     def __init__(self, model: SpeechEncoder, root: Path):
-        self.model, self.root = model, Path(root) / f"whisper-{model.config.whisper.replace(':', '-')}-" \
-                                                    f"{model.frozen_layers}of{len(model.whisper.layers)}"
+        self.model, self.base = model, Path(root)
+        self.root = self.folder(model.frozen_layers)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def folder(self, depth: int) -> Path:
+        return self.base / f"whisper-{self.model.config.whisper.replace(':', '-')}-{depth}of" \
+                           f"{len(self.model.whisper.layers)}"
+
+    @staticmethod
+    def read(path: Path) -> list[tuple[torch.Tensor, int]]:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        return [(state[f"w{i}"], int(state[f"n{i}"])) for i in range(len(state) // 2)]
+
     def get(self, key: str, samples_fn) -> list[tuple[torch.Tensor, int]]:
-        """[(hidden (frames, d) float16, spoken frames)] per window of the clip `key` (samples_fn() gives audio)."""
-        from safetensors.torch import load_file, save_file
+        """[(hidden (frames, d) float16, spoken frames)] per window of the clip `key` (samples_fn() gives audio).
+        A clip cached at a shallower depth (another trainable_layers) continues from there instead of the audio."""
+        from safetensors.torch import save_file
 
         path = self.root / f"{key}.safetensors"
         if path.is_file():
-            state = load_file(str(path))
-            return [(state[f"w{i}"], int(state[f"n{i}"])) for i in range(len(state) // 2)]
+            return self.read(path)
+        shallower = [(d, self.folder(d) / path.name) for d in range(self.model.frozen_layers - 1, 0, -1)]
+        depth, start = next(((d, p) for d, p in shallower if p.is_file()), (0, None))
         state, out = {}, []
         with torch.inference_mode():
-            for i, window in enumerate(self.model.windows(samples_fn())):
-                hidden = self.model.run_encoder(window, stop_layer=self.model.frozen_layers).half()
+            if start is not None:
+                cached = self.read(start)
+                windows = [(Window(mel=torch.empty(0), spoken_frames=n), h.float()) for h, n in cached]
+            else:
+                windows = [(w, None) for w in self.model.windows(samples_fn())]
+            for i, (window, below) in enumerate(windows):
+                hidden = self.model.run_encoder(window, start_layer=depth, stop_layer=self.model.frozen_layers,
+                                                hidden=below).half()
                 state[f"w{i}"], state[f"n{i}"] = hidden.contiguous(), torch.tensor(window.spoken_frames)
                 out.append((hidden, window.spoken_frames))
         save_file(state, str(path.with_suffix(".partial")))

@@ -3,8 +3,10 @@
     audio (16 kHz mono, engine.audio.read_audio) -> 30 s windows, 2 s overlap (engine.audio.split_windows)
     each window -> Whisper log-mel (80, 3000) (transformers' WhisperFeatureExtractor: 25 ms frames, 10 ms hop)
         -> Whisper's encoder (transformers' WhisperEncoder; top `trainable_layers` layers fine-tuned, the rest frozen)
-        -> mean over the SPOKEN encoder frames (each frame = 20 ms; Whisper's padding to 30 s is left out)
-        -> to_latent (Linear d_model -> CT CLIP latent, no bias) -> L2 normalise
+        -> pooled over the SPOKEN encoder frames (each frame = 20 ms; Whisper's padding to 30 s is left out): their
+           mean (paper), or attention pooling (demo: `pooling_queries` learned queries attend over the frames
+           through torch's nn.MultiheadAttention, their outputs concatenated)
+        -> to_latent (Linear -> CT CLIP latent, no bias) -> L2 normalise
     a recording's latent = the mean of its windows' latents, L2 normalised (the paper's averaging)
 
 Presets:
@@ -12,7 +14,10 @@ Presets:
   Whisper was trained, latent 512 (CT-CLIP v2), the top 2 layers trained (the paper's best).
 - `demo`: the offline Whisper tiny.en (PyPI, converted by engine/convert/whisper.py; 0.31 s per 30 s window on the
   2-core CPU against 0.74 s for base, so a 90 s dictation = 4 windows stays near 1.2 s instead of 3.4 s), latent
-  256 (read from the demo CT CLIP config by the trainer), and `spoken_frames_only`: a window is encoded on its spoken
+  256 (read from the demo CT CLIP config by the trainer), Whisper entirely frozen with attention pooling as the
+  trained part (training the top 2 layers cost 30 s per step of 16 clips here, since a 90 s report is 4 windows of
+  1,500 frames; with the whole encoder frozen its output is cached once and a step costs well under a second:
+  docs/training.md, "Training the speech encoder"), and `spoken_frames_only`: a window is encoded on its spoken
   frames only, not padded to 30 s. transformers' WhisperEncoder.forward refuses any input but 3000 mel frames
   (ValueError), so `run_encoder` runs the same submodules (conv1, conv2, the first T position embeddings, the
   layers, the final norm) on T frames; for a 5-10 s clip this costs a third or less of the padded pass. The
@@ -57,6 +62,9 @@ class SpeechEncoderConfig(ModelConfig):
     window_seconds: float = 30.0
     overlap_seconds: float = 2.0
     spoken_frames_only: bool = False      # encode T spoken frames instead of the 30 s padded window (module doc)
+    pooling: str = "mean"                 # "mean" over spoken frames (the paper) | "attention" (learned queries)
+    pooling_queries: int = 4              # attention pooling: learned queries, each a d_model output
+    pooling_heads: int = 6                # attention pooling: heads of nn.MultiheadAttention
 
     @classmethod
     def paper(cls) -> "SpeechEncoderConfig":
@@ -66,7 +74,7 @@ class SpeechEncoderConfig(ModelConfig):
     def demo(cls, latent_dim: int = 256) -> "SpeechEncoderConfig":
         """Whisper tiny.en offline, spoken frames only (speed on a 2-core CPU; see the module docstring)."""
         return cls(preset="demo", whisper=OFFLINE_PREFIX + "tiny.en", whisper_architecture=dict(WHISPER_TINY),
-                   latent_dim=latent_dim, spoken_frames_only=True)
+                   latent_dim=latent_dim, spoken_frames_only=True, trainable_layers=0, pooling="attention")
 
     def whisper_config(self):
         from transformers import WhisperConfig
@@ -91,7 +99,7 @@ class Window:
 
 
 class SpeechEncoder(PretrainedModel):
-    """Whisper encoder + mean pooling over spoken frames + a linear head into the CT CLIP latent."""
+    """Whisper encoder + pooling over spoken frames (mean or attention) + a linear head into the CT CLIP latent."""
 
     config_class = SpeechEncoderConfig
     model_name = "speech encoder"
@@ -102,7 +110,15 @@ class SpeechEncoder(PretrainedModel):
 
         self.config = config
         self.whisper = WhisperEncoder(config.whisper_config())
-        self.to_latent = nn.Linear(config.whisper_architecture["d_model"], config.latent_dim, bias=False)
+        d_model = config.whisper_architecture["d_model"]
+        pooled = d_model
+        if config.pooling == "attention":
+            self.pool_queries = nn.Parameter(torch.randn(config.pooling_queries, d_model) * d_model ** -0.5)
+            self.pool_attention = nn.MultiheadAttention(d_model, config.pooling_heads, batch_first=True)
+            pooled = config.pooling_queries * d_model
+        elif config.pooling != "mean":
+            raise UserError(f"The speech encoder's pooling must be 'mean' or 'attention', not {config.pooling!r}.")
+        self.to_latent = nn.Linear(pooled, config.latent_dim, bias=False)
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
@@ -166,6 +182,7 @@ class SpeechEncoder(PretrainedModel):
         training) the convolutions are skipped. Frames = the spoken ones (spoken_frames_only) or all 1500."""
         encoder = self.whisper
         stop = len(encoder.layers) if stop_layer is None else stop_layer
+        normed = hidden is not None and start_layer >= len(encoder.layers)  # a cached output of the whole encoder
         if hidden is None:
             frames = window.spoken_frames if self.config.spoken_frames_only else encoder.max_source_positions
             mel = window.mel[:, :frames * ENCODER_STRIDE][None].to(encoder.conv1.weight.dtype)
@@ -176,13 +193,19 @@ class SpeechEncoder(PretrainedModel):
         for layer in encoder.layers[start_layer:stop]:
             hidden = layer(hidden, None)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        if stop == len(encoder.layers):
+        if stop == len(encoder.layers) and not normed:
             hidden = encoder.layer_norm(hidden)
         return hidden[0]
 
     def pool(self, hidden: torch.Tensor, window: Window) -> torch.Tensor:
-        """Mean over the spoken encoder frames (d_model,): the 30 s padding carries no report."""
-        return hidden[: window.spoken_frames].mean(dim=0)
+        """The spoken encoder frames (the 30 s padding carries no report) -> (d_model,) mean, or (queries x d_model,)
+        attention pooling."""
+        spoken = hidden[: window.spoken_frames]
+        if self.config.pooling == "mean":
+            return spoken.mean(dim=0)
+        frames = spoken[None].to(self.pool_queries.dtype)
+        pooled, _ = self.pool_attention(self.pool_queries[None], frames, frames, need_weights=False)
+        return pooled.reshape(-1)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled Whisper features (..., d_model) -> unit latents (..., latent_dim)."""
