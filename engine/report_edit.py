@@ -51,7 +51,8 @@ MENTIONS: dict[str, str] = {
     "Lung opacity": r"opacit\w*|ground[- ]glass(?! (density )?(pulmonary |lung )?nodul)|\bdensity (increase|areas?)|"
                     r"(increased|patchy) densit\w*|\binfiltrat\w*",
     "Pulmonary fibrotic sequela": r"fibro\w*|sequela\w*|scar\b|\bscar bands?",
-    "Pleural effusion": r"pleural (effusion|fluid)|(?<!pericardial )(?<!pericardial-)\beffusion\b(?![^;.]{0,30}pericardi)",
+    "Pleural effusion": r"pleural (effusion|fluid)|"
+                        r"(?<!pericardial )(?<!pericardial-)\beffusion\b(?![^;.]{0,30}pericardi)",
     "Mosaic attenuation pattern": r"mosaic",
     "Peribronchial thickening": r"peribronch\w*|bronchial wall thicken\w*",
     "Consolidation": r"consolidat\w*|air bronchogram",
@@ -67,8 +68,9 @@ PRE_NEGATION = re.compile(r"\b(no|without|free of|negative for|absence of|neithe
                           r"no evidence of)\b", re.I)
 POST_NEGATION = re.compile(r"\b((is|are|was|were|has|have been|could be) not (seen|observed|detected|present|"
                            r"identified|noted|visualized|found)|not (seen|observed|detected|present|identified)|"
-                           r"(is|are|was|were|appears?|seems?) (to be )?(within )?(the )?(normal|natural)|within (the )?normal (limits|range)|(is|are) preserved|"
-                           r"unremarkable|absent|(is|are|was|were) not)\b", re.I)
+                           r"(is|are|was|were|appears?|seems?) (to be )?(within )?(the )?(normal|natural)|"
+                           r"within (the )?normal (limits|range)|(is|are) preserved|unremarkable|absent|"
+                           r"(is|are|was|were) not)\b", re.I)
 SCOPE_ENDS = re.compile(r"[;:]|\b(but|however|although|except|whereas|while|which|apart from|other than)\b|"
                         r",? and (there|a|an|the)\b|, (there|a|an)\b", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=[\"'•(]*[A-Z0-9])|\s+(?=•)")
