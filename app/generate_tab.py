@@ -32,9 +32,9 @@ EXAMPLES = [
 SYNTHETIC_NOTE = ("**Synthetic**: every volume made here is generated from text by a model trained on digital "
                   "phantoms. It is not a patient and not for clinical use; its NIfTI header says so too.")
 TOGGLE_NOTE = ("### What one finding changes\nThe last prompt with one finding toggled (added when the prompt does not "
-               "state it, removed and negated when it does), generated from the same seed, steps and guidance: both "
-               "**synthetic** volumes side by side at the same slice, and where they differ coloured over the one "
-               "with the finding (|difference| from 0 HU, transparent, to 300 HU or more, red).")
+               "state it, removed when it does), generated from the same seed, steps and guidance: both **synthetic** "
+               "volumes side by side at the same slice, and where they differ coloured over the one with the finding "
+               "(|difference| transparent up to 30 HU, blue to red from there to 300 HU or more).")
 NO_LAST_PROMPT = "Generate a volume first: the toggle works on the last prompt."
 _cancel_events: dict[str, threading.Event] = {}
 
@@ -167,7 +167,8 @@ def _toggle_section(models, last: gr.State):
         button = gr.Button("Toggle this finding on the last prompt", scale=2, elem_id="generate-toggle")
     toggled = gr.Textbox(label="The toggled prompt", lines=3, interactive=False, elem_id="generate-toggled-prompt")
     summary = gr.Markdown(elem_classes=["generate-toggle-status"])
-    compare = comparison_viewer("generate-compare")
+    compare = comparison_viewer("generate-compare", ("Without the finding (synthetic)", "With the finding (synthetic)",
+                                                     "|With - without| over with (synthetic)"))
 
     def on_toggle(last_request, name, request: gr.Request, progress=gr.Progress()):
         return toggle(models, last_request, name, request, progress)

@@ -241,8 +241,11 @@ def refresh_comparison(pair, plane: str, preset: str) -> list:
             *[gr.Image(value=image, label=title) for image, title in zip(images, pair.titles)]]
 
 
-def comparison_viewer(elem_id: str = "ct-compare") -> ComparisonViewer:
-    """Build the side-by-side viewer in the current Blocks context and wire its own events."""
+def comparison_viewer(elem_id: str = "ct-compare", titles: tuple[str, str, str] = ("First", "Second",
+                                                                                  "Second with the overlay")
+                      ) -> ComparisonViewer:
+    """Build the side-by-side viewer in the current Blocks context (`titles` until a pair is shown) and wire its own
+    events."""
     pair = gr.State(None)
     with gr.Row(equal_height=False):
         plane = gr.Radio([PLANE_TITLES[p] for p in PLANES], value=PLANE_TITLES["axial"], label="Plane", scale=2,
@@ -254,7 +257,7 @@ def comparison_viewer(elem_id: str = "ct-compare") -> ComparisonViewer:
     images = []
     with gr.Row(equal_height=True):
         for k in range(3):
-            images.append(gr.Image(type="numpy", format="png", interactive=False, height=IMAGE_HEIGHT,
+            images.append(gr.Image(label=titles[k], type="numpy", format="png", interactive=False, height=IMAGE_HEIGHT,
                                    buttons=["fullscreen"], elem_classes=["ct-plane", f"{elem_id}-{k}"]))
     viewer = ComparisonViewer(pair=pair, plane=plane, slider=slider, preset=preset, images=images)
     quick = dict(show_progress="hidden", trigger_mode="always_last")

@@ -10,11 +10,14 @@ These are NegEx's rules (Chapman et al. 2001), written here because the dozen cu
 justify spaCy and medspacy/negspacy (hundreds of MB, seconds to import) in the engine.
 
 Toggling (`toggle_finding`): a finding stated present is removed (the sentence that states it, or only its clause
-when the sentence states another finding too, in Findings and Impression) and one negation in the report writer's own
-words put in its place; a finding not stated present is added: negations of it and normal statements it contradicts
-go, one sentence from `engine.report_writer.describe_finding` (a typical instance of the finding, TOGGLE_FINDINGS)
-goes where the first of them was (else at the end of Findings), and its impression phrase joins the Impression (whose
-normal statement, if any, goes). Everything else stays word for word, so the two prompts differ by that finding only.
+when the sentence states another finding too, in Findings and Impression; an Impression left empty becomes the
+writer's normal one). No negation is put in its place: the two prompts then differ by the finding's words only, and
+the demo CT CLIP's reading of the finding drops more without one (0.39 against 0.37 on average over the app's examples
+and 15 phantom reports, in the right direction 97 % of the time either way). A finding not stated present is added:
+negations of it and normal statements it contradicts go, one sentence from `engine.report_writer.describe_finding` (a
+typical instance of the finding, TOGGLE_FINDINGS) goes where the first of them was (else at the end of Findings), and
+its impression phrase joins the Impression (whose normal statement, if any, goes). Everything else stays word for
+word, so the two prompts differ by that finding only.
 """
 from __future__ import annotations
 
@@ -27,8 +30,7 @@ from engine.errors import UserError
 from engine.labels import LABELS, Finding
 # The writer's own normal statements and impression phrases (its templates' one home), so an edited report reads like
 # the reports the generator learned from.
-from engine.report_writer import _NORMAL, _NORMAL_IMPRESSIONS, _OPTIONAL_LUNG_NEGATIONS, _impression_item, \
-    describe_finding
+from engine.report_writer import _NORMAL, _NORMAL_IMPRESSIONS, _impression_item, describe_finding
 
 # When a label is mentioned: regular expressions (case-insensitive) matched inside one scope of a sentence.
 MENTIONS: dict[str, str] = {
@@ -164,15 +166,6 @@ def present_findings(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------ toggling
 
-def negation_sentence(label: str) -> str | None:
-    """The report writer's first normal statement that negates `label` alone (None when it has none: medical
-    material, lung opacity and consolidation are only negated together with other findings)."""
-    for blocked_by, options in _NORMAL.values():
-        if blocked_by == (label,):
-            return next((o for o in options if _MENTION_RES[label].search(o)), None)
-    return _OPTIONAL_LUNG_NEGATIONS.get(label, (None,))[0]
-
-
 def _split_report(text: str) -> tuple[list[str], list[str]]:
     match = _SECTIONS.match(" ".join(str(text).split()))
     return split_sentences(match["findings"] or ""), split_sentences(match["impression"] or "")
@@ -205,11 +198,11 @@ def _remove_mentions(sentences: list[str], label: str, extra: re.Pattern | None 
         if not mentioned:
             out.append(sentence)
             continue
-        first = len(out) if first is None else first
         edited = _without_label(sentence, label) if label in sentence_statements(sentence) else None
+        if first is None:
+            first = len(out) + bool(edited)  # a new sentence goes after what is left of this one
         if edited:
             out.append(edited)
-            first += 1  # the new sentence goes after what is left of this one
     return out, len(out) if first is None else first
 
 
@@ -231,17 +224,14 @@ def check_finding_label(label) -> str:
 
 
 def toggle_finding(text: str, label: str) -> ToggledReport:
-    """The report with `label` toggled (see the module docstring): removed and negated when the report states it
-    present, else added. UserError for a label that is not one of the 18."""
+    """The report with `label` toggled (see the module docstring): removed when the report states it present, else
+    added. UserError for a label that is not one of the 18."""
     label = check_finding_label(label)
     findings, impression = _split_report(text)
     rng = np.random.default_rng(0)  # the writer's template choice: fixed, so a toggle is reproducible
     if stated_findings(text).get(label):
-        findings, at = _remove_mentions(findings, label)
+        findings, _ = _remove_mentions(findings, label)
         impression, _ = _remove_mentions(impression, label)
-        negation = negation_sentence(label)
-        if negation:
-            findings.insert(at, negation)
         if not impression and not present_findings(" ".join(findings)):
             impression = [_NORMAL_IMPRESSIONS[0]]
         return ToggledReport(_join_report(findings, impression), label, added=False)
