@@ -190,3 +190,78 @@ def ct_viewer() -> CTViewer:
         slider.input(on_window_slider, window_inputs, [preset, *images], **quick)
     show_3d.click(on_show_3d, volume, plot)
     return viewer
+
+
+# ------------------------------------------------------------------------------------------- two volumes side by side
+
+@dataclass
+class ComparisonViewer:
+    """Two volumes of one grid side by side at the same slice, and the second again with a heat map over it (e.g. a
+    volume generated without and with a finding, and |difference|). A tab writes a `Comparison` to `pair` and
+    chains `open_after`."""
+    pair: gr.State              # Comparison | None (server side)
+    plane: gr.Radio             # axial / coronal / sagittal
+    slider: gr.Slider           # the slice index, shared by the three images
+    preset: gr.Radio            # window preset
+    images: list[gr.Image]      # first, second, second + overlay
+
+    def open_after(self, dependency):
+        return dependency.success(refresh_comparison, [self.pair, self.plane, self.preset],
+                                  [self.slider, *self.images], show_progress="hidden")
+
+
+@dataclass
+class Comparison:
+    """What a ComparisonViewer shows: two volumes of the same shape, their titles, and the heat map (z, y, x) in
+    0..1 drawn over the second in the third image."""
+    first: object               # engine.volume.Volume
+    second: object
+    titles: tuple[str, str, str]
+    overlay: np.ndarray
+
+
+def render_comparison(pair, plane: str, index, preset: str) -> list:
+    """The three images at one slice (None for each when nothing is loaded)."""
+    if pair is None:
+        return [None, None, None]
+    level, width = PRESETS.get(preset, PRESETS[DEFAULT_PRESET])
+    plane = plane.lower()
+    return [plane_image(pair.first, plane, int(index), level, width),
+            plane_image(pair.second, plane, int(index), level, width),
+            plane_image(pair.second, plane, int(index), level, width, overlay=pair.overlay, overlay_alpha=0.8)]
+
+
+def refresh_comparison(pair, plane: str, preset: str) -> list:
+    """A new pair or another plane: the slider re-ranged to the plane (middle slice), the images drawn and titled."""
+    if pair is None:
+        return [gr.Slider(minimum=0, maximum=1, value=0), None, None, None]
+    n = plane_count(pair.first, plane.lower())
+    images = render_comparison(pair, plane, n // 2, preset)
+    return [gr.Slider(minimum=0, maximum=max(n - 1, 1), value=n // 2, step=1, interactive=n > 1),
+            *[gr.Image(value=image, label=title) for image, title in zip(images, pair.titles)]]
+
+
+def comparison_viewer(elem_id: str = "ct-compare", titles: tuple[str, str, str] = ("First", "Second",
+                                                                                  "Second with the overlay")
+                      ) -> ComparisonViewer:
+    """Build the side-by-side viewer in the current Blocks context (`titles` until a pair is shown) and wire its own
+    events."""
+    pair = gr.State(None)
+    with gr.Row(equal_height=False):
+        plane = gr.Radio([PLANE_TITLES[p] for p in PLANES], value=PLANE_TITLES["axial"], label="Plane", scale=2,
+                         elem_classes=[f"{elem_id}-plane"])
+        preset = gr.Radio(list(PRESETS), value=DEFAULT_PRESET, label="Window", scale=2,
+                          elem_classes=[f"{elem_id}-preset"])
+        slider = gr.Slider(0, 1, value=0, step=1, label="Slice (the same in the three images)", scale=3,
+                           elem_classes=[f"{elem_id}-slider"])
+    images = []
+    with gr.Row(equal_height=True):
+        for k in range(3):
+            images.append(gr.Image(label=titles[k], type="numpy", format="png", interactive=False, height=IMAGE_HEIGHT,
+                                   buttons=["fullscreen"], elem_classes=["ct-plane", f"{elem_id}-{k}"]))
+    viewer = ComparisonViewer(pair=pair, plane=plane, slider=slider, preset=preset, images=images)
+    quick = dict(show_progress="hidden", trigger_mode="always_last")
+    slider.input(render_comparison, [pair, plane, slider, preset], images, **quick)
+    preset.input(render_comparison, [pair, plane, slider, preset], images, **quick)
+    plane.input(refresh_comparison, [pair, plane, preset], [slider, *images], **quick)
+    return viewer

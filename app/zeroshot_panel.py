@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 import plotly.graph_objects as go
+# plotly imports its figure classes on first use; two request threads making their first figures at once (the
+# Library's bars at page load and a generation's) deadlock in that import, so they are imported here, at start-up
+from plotly.graph_objs import Bar, Figure, Scatter  # noqa: E402,F401
 
 from app.models import CTClipModels
 from engine.errors import UserError

@@ -171,13 +171,18 @@ def cmd_index(args) -> dict:
 def cmd_generate(args) -> dict:
     """A synthetic CT from a report: {"path", "shape" (x, y, z), "spacing" (x, y, z) mm, "orientation", "elapsed_s",
     "findings" (the CT CLIP's reading of the generated volume), "asked" (the prompt's own label probabilities),
-    "synthetic": true, "seed", "steps", "guidance", "timings_s", "model_id"}."""
-    from engine.pipelines.generate import DEFAULT_GUIDANCE, check_guidance, check_steps, write_synthetic_nifti
+    "synthetic": true, "seed", "steps", "guidance", "timings_s", "model_id"}; with --toggle LABEL also "toggle" (the
+    same seed with that finding toggled in the prompt: `_toggle_answer`)."""
+    from engine.pipelines.generate import DEFAULT_GUIDANCE, check_guidance, check_seed, check_steps, \
+        write_synthetic_nifti
     from engine.query import check_query_text
+    from engine.report_edit import check_finding_label
 
     text = check_query_text(args.text)  # every input checked before any model loads
     steps = None if args.steps is None else check_steps(args.steps)
     guidance = check_guidance(DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
+    seed = check_seed(args.seed)
+    label = None if args.toggle is None else check_finding_label(args.toggle)
     out = Path(args.out)
     if not out.name.lower().endswith((".nii", ".nii.gz")) or not out.parent.is_dir():
         raise UserError(f"--out must be a .nii.gz or .nii file in an existing folder, not {args.out!r}.")
@@ -185,14 +190,45 @@ def cmd_generate(args) -> dict:
     from engine.pipelines.generate import GeneratePipeline
 
     pipeline = GeneratePipeline.from_pretrained(args.weights, preset=args.preset)
-    result = pipeline.generate(text, steps=steps, guidance=guidance, seed=args.seed)
+    comparison = None
+    if label is None:
+        result = pipeline.generate(text, steps=steps, guidance=guidance, seed=seed)
+    else:
+        comparison = pipeline.compare_finding(text, label, steps=steps, guidance=guidance, seed=seed)
+        result = comparison.prompt
     path = write_synthetic_nifti(result.volume, out)
     reading = pipeline.read(result.volume, result.text_latent) or {}
-    return {"path": str(path.resolve()), "shape": list(result.volume.shape_xyz),
-            "spacing": [round(s, 6) for s in result.volume.spacing], "orientation": "LPS", "synthetic": True,
-            "elapsed_s": round(time.perf_counter() - started, 4), "findings": reading.get("findings"),
-            "asked": reading.get("asked"), "seed": args.seed, "steps": result.steps, "guidance": result.guidance,
-            "timings_s": result.timings_s, "model_id": pipeline.model_id}
+    answer = {"path": str(path.resolve()), "shape": list(result.volume.shape_xyz),
+              "spacing": [round(s, 6) for s in result.volume.spacing], "orientation": "LPS", "synthetic": True,
+              "elapsed_s": None, "findings": reading.get("findings"), "asked": reading.get("asked"), "seed": seed,
+              "steps": result.steps, "guidance": result.guidance, "timings_s": result.timings_s,
+              "model_id": pipeline.model_id}
+    if comparison is not None:
+        answer["toggle"] = _toggle_answer(pipeline, comparison, out)
+    answer["elapsed_s"] = round(time.perf_counter() - started, 4)
+    return answer
+
+
+def _toggle_answer(pipeline, comparison, out: Path) -> dict:
+    """generate --toggle: {"label", "added" (true: the prompt did not state it), "text" (the toggled prompt), "path"
+    (its volume, written beside --out as NAME_with_LABEL / NAME_without_LABEL), "findings", "asked" (as for the
+    prompt), "difference_hu": {"mean_abs", "max_abs", "share_over_100"} of with - without}."""
+    import numpy as np
+
+    from engine.pipelines.generate import write_synthetic_nifti
+
+    toggled = comparison.toggled
+    stem, suffix = (out.name[:-7], ".nii.gz") if out.name.lower().endswith(".nii.gz") else (out.stem, out.suffix)
+    slug = comparison.label.lower().replace(" ", "_")
+    name = f"{stem}_{'with' if comparison.added else 'without'}_{slug}{suffix}"
+    path = write_synthetic_nifti(toggled.volume, out.with_name(name))
+    reading = pipeline.read(toggled.volume, toggled.text_latent) or {}
+    difference = np.abs(comparison.difference_hu)
+    return {"label": comparison.label, "added": comparison.added, "text": toggled.text, "path": str(path.resolve()),
+            "findings": reading.get("findings"), "asked": reading.get("asked"),
+            "difference_hu": {"mean_abs": round(float(difference.mean()), 3),
+                              "max_abs": round(float(difference.max()), 3),
+                              "share_over_100": round(float((difference >= 100).mean()), 5)}}
 
 
 def add_generate_parser(verb) -> None:
@@ -202,6 +238,8 @@ def add_generate_parser(verb) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 15 for the demo)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=int, default=0, help="the seed: the same seed gives the same volume")
+    p.add_argument("--toggle", default=None, metavar="LABEL", help="also generate the prompt with this finding (one "
+                   "of the 18 labels) toggled, from the same seed: added if absent, removed if present")
     p.add_argument("--preset", choices=("demo", "paper"), default="demo", help="model preset (default demo)")
     p.add_argument("--weights", default=None, help="generator folder (default: assets/generator; paper: a folder "
                    "with Text2CT's official files)")

@@ -148,6 +148,18 @@ def blend_heat(grey: np.ndarray, heat: np.ndarray, overlay_alpha: float = 0.5) -
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
+DIFFERENCE_FLOOR_HU = 30.0        # |difference| drawn transparent up to here: the scale of CT noise, not a finding
+DIFFERENCE_FULL_SCALE_HU = 300.0  # |difference| drawn at full colour: fluid (0 HU) against lung (-850 HU) reaches it
+
+
+def difference_heat(difference_hu: np.ndarray, floor_hu: float = DIFFERENCE_FLOOR_HU,
+                    full_scale_hu: float = DIFFERENCE_FULL_SCALE_HU) -> np.ndarray:
+    """|difference| of two volumes (HU) as a heat map in 0..1 for plane_image's overlay: transparent up to
+    `floor_hu`, full colour from `full_scale_hu`, linear in between."""
+    magnitude = np.abs(np.asarray(difference_hu, dtype=np.float32))
+    return np.clip((magnitude - floor_hu) / (full_scale_hu - floor_hu), 0.0, 1.0)
+
+
 def radiograph_image(image: np.ndarray, overlay: np.ndarray | None = None, max_side: int = 1024,
                      overlay_alpha: float = 0.5) -> np.ndarray:
     """A radiograph (float32 (H, W) in [0, 1], engine.radiograph's convention) for display: uint8 grey, shrunk

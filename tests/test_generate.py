@@ -18,11 +18,12 @@ from engine.models.diffusion_unet import DiffusionUNet
 from engine.models.vae import CTAutoencoder
 from engine.pipelines.base import Cancelled, RunControl, make_generator
 from engine.pipelines.ctclip import CTClipPipeline
-from engine.pipelines.generate import (GeneratePipeline, check_guidance, check_steps, guided_prediction,
-                                       make_scheduler, noisy_latent_and_target, read_nifti_description,
-                                       write_synthetic_nifti)
+from engine.pipelines.generate import (MAX_SEED, GeneratePipeline, check_guidance, check_seed, check_steps,
+                                       guided_prediction, make_scheduler, noisy_latent_and_target,
+                                       read_nifti_description, write_synthetic_nifti)
+from engine.report_edit import toggle_finding
 from engine.volume import read_ct
-from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_config, tiny_unet_config, tiny_vae_config
+from tests.tiny_models import TINY_SHAPE, TINY_SPACING, tiny_ctclip_config, tiny_unet, tiny_unet_config, tiny_vae_config
 
 REPORT = ("Findings: Moderate right pleural effusion. The heart is enlarged. "
           "Impression: Right pleural effusion. Cardiomegaly.")
@@ -38,7 +39,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     CTCLIP.build(tiny_ctclip_config()).save_pretrained(root / "ctclip")
     CTAutoencoder(tiny_vae_config()).save_pretrained(root / "generator" / "vae")
-    DiffusionUNet(tiny_unet_config()).save_pretrained(root / "generator" / "unet")
+    tiny_unet().save_pretrained(root / "generator" / "unet")  # a context that matters: prompts differ
     return root
 
 
@@ -161,6 +162,57 @@ def test_cancel_during_sampling_and_during_windowed_decoding(pipeline):
         windowed.decode(latent, RunControl(cancel=lambda: stop.append(1) or len(stop) > 1))
 
 
+def test_compare_finding_is_the_same_seed_with_and_without_the_finding(pipeline):
+    """REPORT states no emphysema: the toggle adds it. The prompt's volume is exactly the one `generate` makes from
+    the same seed; the difference is with - without, voxel for voxel, and not zero (the text latents differ)."""
+    seen = []
+    comparison = pipeline.compare_finding(REPORT, "emphysema", steps=2, seed=5,
+                                          progress=lambda f, m: seen.append((f, m)))
+    assert comparison.label == "Emphysema" and comparison.added
+    assert comparison.prompt is comparison.without_finding and comparison.toggled is comparison.with_finding
+    assert comparison.with_finding.text == toggle_finding(REPORT, "Emphysema").text
+    alone = pipeline.generate(REPORT, steps=2, seed=5)
+    assert np.array_equal(comparison.without_finding.volume.array, alone.volume.array)
+    assert np.array_equal(comparison.difference_hu,
+                          comparison.with_finding.volume.array - comparison.without_finding.volume.array)
+    assert np.abs(comparison.difference_hu).max() > 0
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("the prompt: sampling step") for _, m in seen)
+    assert any(m.startswith("with Emphysema: decoding") for _, m in seen)
+    # the prompt's own generation handed back in: reused (no "the prompt" steps), the same pair
+    seen.clear()
+    again = pipeline.compare_finding(REPORT, "Emphysema", steps=2, seed=5, base=alone,
+                                     progress=lambda f, m: seen.append((f, m)))
+    assert again.without_finding is alone and not any(m.startswith("the prompt") for _, m in seen)
+    assert np.array_equal(again.difference_hu, comparison.difference_hu)
+    # a base of another request (other seed) is not reused
+    other = pipeline.compare_finding(REPORT, "Emphysema", steps=2, seed=5, base=pipeline.generate(REPORT, steps=2,
+                                                                                               seed=6))
+    assert np.array_equal(other.without_finding.volume.array, alone.volume.array)
+
+
+def test_compare_finding_removes_a_stated_finding_and_reads_both(pipeline):
+    comparison = pipeline.compare_finding(REPORT, "Cardiomegaly", steps=1, seed=0)
+    assert not comparison.added and comparison.prompt is comparison.with_finding
+    assert "enlarged" not in comparison.without_finding.text.lower()
+    readings = pipeline.read_comparison(comparison)
+    for key in ("with_finding", "without_finding"):
+        generation = getattr(comparison, key)
+        reading = pipeline.read(generation.volume, generation.text_latent)
+        assert readings[key] == {"found": reading["findings"]["Cardiomegaly"],
+                                 "asked": reading["asked"]["Cardiomegaly"]}
+        assert 0.0 <= readings[key]["found"] <= 1.0
+    with pytest.raises(UserError, match="18 labels"):
+        pipeline.compare_finding(REPORT, "Pneumothorax", steps=1)
+
+
+@pytest.mark.parametrize("seed", [MAX_SEED + 1, -MAX_SEED - 1, 1.5, "seven", float("nan"), float("inf")])
+def test_bad_seed_is_one_sentence(seed):
+    with pytest.raises(UserError, match="seed"):
+        check_seed(seed)
+
+
 @pytest.mark.parametrize("steps", [0, 10_000, 2.5, "x"])
 def test_bad_steps_are_one_sentence(steps):
     with pytest.raises(UserError, match="between 1 and"):
@@ -190,11 +242,65 @@ def test_cli_generate_end_to_end_and_bad_inputs(folders, tmp_path):
     from engine.cli import main
     for argv in (["--text", "   "], ["--text", "effusion " * 6000], ["--text", REPORT, "--steps", "0"],
                  ["--text", REPORT, "--steps", "10000"], ["--text", REPORT, "--guidance", "-1"],
-                 ["--text", REPORT, "--guidance", "1e9"]):
+                 ["--text", REPORT, "--guidance", "1e9"], ["--text", REPORT, "--seed", str(2**70)],
+                 ["--text", REPORT, "--toggle", "Pneumothorax"]):
         assert main(["generate", *argv, "--out", str(tmp_path / "x.nii.gz"), "--json"]) == 2
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_cli_generate_toggle_writes_both_volumes_and_keeps_the_contract(folders, tmp_path):
+    """--toggle: the answer's top level is the prompt's generation as without it (same keys, same file content for
+    the same seed), plus "toggle" with the toggled prompt's volume beside --out."""
+    env = {**os.environ, "CT_CTCLIP_DIR": str(folders / "ctclip"), "CT_GENERATOR_DIR": str(folders / "generator"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    out = tmp_path / "pair.nii.gz"
+    run = subprocess.run([sys.executable, "-m", "engine", "generate", "--text", REPORT, "--out", str(out),
+                          "--steps", "2", "--seed", "5", "--toggle", "pleural effusion", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    answer = json.loads(run.stdout)
+    assert {"path", "shape", "spacing", "elapsed_s", "findings", "asked", "synthetic"} <= set(answer)
+    toggle = answer["toggle"]
+    assert toggle["label"] == "Pleural effusion" and toggle["added"] is False  # REPORT states it: removed
+    assert toggle["path"] == str((tmp_path / "pair_without_pleural_effusion.nii.gz").resolve())
+    assert toggle["text"] == toggle_finding(REPORT, "Pleural effusion").text
+    assert set(toggle["findings"]) == set(LABELS) == set(toggle["asked"])
+    import SimpleITK as sitk
+
+    prompt, toggled = (sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in (answer["path"], toggle["path"]))
+    assert "SYNTHETIC" in read_nifti_description(toggle["path"])
+    difference = np.abs(prompt.astype(np.float32) - toggled)  # with - without, the prompt being "with"
+    assert toggle["difference_hu"]["mean_abs"] == pytest.approx(float(difference.mean()), abs=1e-3)
+    assert toggle["difference_hu"]["max_abs"] == pytest.approx(float(difference.max()), abs=1e-3)
 
 
 def test_missing_generator_says_how_to_train_it(tmp_path):
     with pytest.raises(UserError, match="python -m training vae --preset demo"):
         GeneratePipeline.from_pretrained(tmp_path, ctclip=object())
+
+
+def _shipped_generator() -> bool:
+    from engine.settings import generator_dir
+
+    return (generator_dir() / "unet" / "config.json").is_file()
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not _shipped_generator(), reason="needs the trained demo generator in assets/generator "
+                    "(python -m training vae, ldm and ldm-export --preset demo), not shipped yet")
+def test_shipped_generator_draws_a_finding_added_to_a_normal_report():
+    """What one finding changes, on the shipped model: a visible finding added to a normal report, the same seed,
+    raises the CT CLIP's zero-shot reading of that finding in the generated volume, on average over three findings
+    the demo draws large (effusion, cardiomegaly, emphysema) and two seeds; the volumes differ where it was added."""
+    pipeline = GeneratePipeline.from_pretrained()
+    normal = "Findings: The lungs are clear. Heart size is normal. Impression: No acute findings."
+    raised = []
+    for seed in (0, 1):
+        base = pipeline.generate(normal, seed=seed)
+        for label in ("Pleural effusion", "Cardiomegaly", "Emphysema"):
+            comparison = pipeline.compare_finding(normal, label, seed=seed, base=base)
+            assert comparison.added and comparison.without_finding is base
+            assert np.abs(comparison.difference_hu).mean() > 0
+            readings = pipeline.read_comparison(comparison)
+            raised.append(readings["with_finding"]["found"] - readings["without_finding"]["found"])
+    assert np.mean(raised) > 0, raised

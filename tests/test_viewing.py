@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.viewing import (PLANES, WINDOWS, display_shape, figure_3d, plane_count, plane_image, surface_mesh,
-                            window)
+from engine.viewing import (PLANES, WINDOWS, difference_heat, display_shape, figure_3d, plane_count, plane_image,
+                            surface_mesh, window)
 from engine.volume import Volume, read_ct
 
 
@@ -111,3 +111,8 @@ def test_figure_3d_has_bone_and_lung_meshes_with_equal_aspect(lung1):
     assert set(names) == {"bone", "lungs"} and all(t.type == "mesh3d" for t in fig.data)
     assert names["lungs"].opacity < 1.0 and names["bone"].opacity == 1.0
     assert fig.layout.scene.aspectmode == "data"
+
+
+def test_difference_heat_is_transparent_below_30_hu_and_full_from_300_hu():
+    difference = np.array([0.0, -20.0, 30.0, 165.0, -165.0, 300.0, -1000.0], np.float32)
+    np.testing.assert_allclose(difference_heat(difference), [0, 0, 0, 0.5, 0.5, 1, 1])  # (165 - 30) / 270 = 0.5

@@ -53,3 +53,25 @@ def tiny_cxr_config(latent_dim: int = 32):
     from engine.models.cxr_encoder import CXREncoderConfig
 
     return CXREncoderConfig.demo(latent_dim=latent_dim)
+
+
+def tiny_unet(seed: int = 0, **changes):
+    """A tiny U-Net (tiny_unet_config(**changes)) with random weights everywhere. MONAI zero-initialises the last
+    convolution of every residual block, of every attention block and of the output, so a fresh U-Net predicts 0
+    whatever its context: every prompt would give the same volume and guidance would be void. Those weights get
+    PyTorch's default convolution initialisation (uniform within 1 / sqrt(fan-in)) here, so that the prompt changes
+    the volume as it does in a trained model."""
+    import math
+
+    import torch
+
+    from engine.models.diffusion_unet import DiffusionUNet
+
+    unet = DiffusionUNet(tiny_unet_config(**changes))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in unet.parameters():
+            if weight.dim() > 1 and not weight.any():
+                bound = 1.0 / math.sqrt(weight[0].numel())
+                weight.uniform_(-bound, bound, generator=generator)
+    return unet

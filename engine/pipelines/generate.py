@@ -13,6 +13,9 @@ transform matches; DDPMScheduler / DDIMScheduler for the epsilon option); traini
 noising and targets from `make_scheduler` and `noisy_latent_and_target` here. Calls follow engine/pipelines/base.py:
 seed (the ONLY randomness: a fixed seed reproduces a volume exactly), progress moving during sampling and decoding,
 cancel between steps and between decoder windows.
+What one finding changes (`compare_finding`): the prompt and the prompt with one finding toggled
+(engine/report_edit.py) generated from the same seed, steps and guidance, with their HU difference; `read_comparison`
+gives that finding's zero-shot probability in each volume and in each prompt's own text latent.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from engine.volume import Volume, volume_to_image
 
 DEFAULT_GUIDANCE = 5.0     # Text2CT's scale (its sweep 0..15 peaks at 5 for precision)
 MAX_GUIDANCE = 30.0        # beyond this the guided prediction leaves the data range: not a sensible request
+MAX_SEED = 2**63 - 1       # torch's generator takes a 64-bit seed
 MAX_STEPS = 200            # a CPU generation at 200 steps is minutes; more only repeats what 200 do
 SYNTHETIC_DESCRIPTION = "SYNTHETIC CT generated from text; not a patient"
 DDIM_BETAS = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)  # MAISI's DDPM betas
@@ -106,6 +110,27 @@ class Generation:
     guidance: float
     seed: int | None
     timings_s: dict = field(default_factory=dict)  # "text", "sampling", "decoding" seconds
+
+
+@dataclass
+class FindingComparison:
+    """What one finding changes: the same seed, steps and guidance with and without `label` in the prompt."""
+
+    label: str
+    added: bool                         # True: the finding was added to the prompt as typed; False: removed
+    with_finding: Generation
+    without_finding: Generation
+    difference_hu: np.ndarray           # with_finding - without_finding, HU, (z, y, x) float32
+
+    @property
+    def prompt(self) -> Generation:
+        """The generation of the prompt as it was typed."""
+        return self.without_finding if self.added else self.with_finding
+
+    @property
+    def toggled(self) -> Generation:
+        """The generation of the prompt with the finding toggled."""
+        return self.with_finding if self.added else self.without_finding
 
 
 class GeneratePipeline:
@@ -193,6 +218,8 @@ class GeneratePipeline:
         """A synthetic HU volume for a report. seed None = 0 (the pipeline convention): the same seed, prompt,
         steps and guidance give the same volume, voxel for voxel."""
         text, steps, guidance = self.check_request(text, steps, guidance)
+        if seed is not None and not isinstance(seed, torch.Generator):
+            seed = check_seed(seed)
         control = RunControl(progress, cancel)
         timings, started = {}, time.perf_counter()
         control.step(0.0, "reading the report")
@@ -209,6 +236,31 @@ class GeneratePipeline:
         control.step(1.0, "done")
         return Generation(volume, text, text_latent, steps, guidance, seed if isinstance(seed, int) else None,
                           {k: round(v, 4) for k, v in timings.items()})
+
+    def compare_finding(self, text: str, label: str, *, steps: int | None = None,
+                        guidance: float = DEFAULT_GUIDANCE, seed: int | None = None,
+                        progress: ProgressCallback | None = None, cancel: CancelSignal | None = None,
+                        base: Generation | None = None) -> FindingComparison:
+        """The prompt and the prompt with `label` toggled (engine.report_edit.toggle_finding: added when the prompt
+        does not state it, else removed), generated from the same seed (None = 0), steps and guidance, so the
+        difference is the finding's. `base`: a Generation of this very request (same text, steps, guidance, seed),
+        reused instead of generated again (a fixed seed reproduces a volume exactly). Progress spans both."""
+        from engine.report_edit import toggle_finding
+
+        text, steps, guidance = self.check_request(text, steps, guidance)
+        seed = 0 if seed is None else check_seed(seed)
+        toggled = toggle_finding(text, label)
+        reuse = base is not None and (base.text, base.steps, base.guidance, base.seed) == (text, steps, guidance,
+                                                                                          seed)
+        first = base if reuse else self.generate(text, steps=steps, guidance=guidance, seed=seed,
+                                                 progress=_sub_progress(progress, 0.0, 0.5, "the prompt"),
+                                                 cancel=cancel)
+        second = self.generate(toggled.text, steps=steps, guidance=guidance, seed=seed, cancel=cancel,
+                               progress=_sub_progress(progress, 0.0 if reuse else 0.5, 1.0,
+                                                      f"{'with' if toggled.added else 'without'} {toggled.label}"))
+        with_finding, without_finding = (second, first) if toggled.added else (first, second)
+        difference = with_finding.volume.array.astype(np.float32) - without_finding.volume.array.astype(np.float32)
+        return FindingComparison(toggled.label, toggled.added, with_finding, without_finding, difference)
 
     def sample(self, context: torch.Tensor, steps: int, guidance: float, generator: torch.Generator,
                control: RunControl | None = None, span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
@@ -282,6 +334,27 @@ class GeneratePipeline:
             self.reader.prompt_latents.shape[-1] else None
         return {"findings": findings, "asked": asked}
 
+    def read_comparison(self, comparison: FindingComparison) -> dict[str, dict[str, float | None]] | None:
+        """The compared label's zero-shot probability in each volume ("found") and in each prompt's own text latent
+        ("asked"): {"with_finding": {"found", "asked"}, "without_finding": {...}}; None without a reader."""
+        out = {}
+        for key in ("with_finding", "without_finding"):
+            generation = getattr(comparison, key)
+            reading = self.read(generation.volume, generation.text_latent)
+            if reading is None:
+                return None
+            asked = reading["asked"]
+            out[key] = {"found": reading["findings"][comparison.label],
+                        "asked": None if asked is None else asked[comparison.label]}
+        return out
+
+
+def _sub_progress(progress: ProgressCallback | None, lo: float, hi: float, what: str) -> ProgressCallback | None:
+    """A progress callback for one part of a longer call: fractions mapped into [lo, hi], messages prefixed."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(lo + (hi - lo) * fraction, f"{what}: {message}")
+
 
 def _windows_along(size: int, window: int, overlap: float) -> int:
     """How many windows MONAI's sliding window places along one axis (interval int(window * (1 - overlap)))."""
@@ -298,6 +371,17 @@ def check_steps(steps) -> int:
         raise UserError(f"--steps must be a whole number between 1 and {MAX_STEPS}, not {steps!r}.") from None
     if value != steps or not 1 <= value <= MAX_STEPS:
         raise UserError(f"--steps must be a whole number between 1 and {MAX_STEPS}, not {steps!r}.")
+    return value
+
+
+def check_seed(seed) -> int:
+    """A seed is a whole number between -MAX_SEED and MAX_SEED (one sentence otherwise)."""
+    try:
+        value = int(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"--seed must be a whole number, not {seed!r}.") from None
+    if value != seed or abs(value) > MAX_SEED:
+        raise UserError(f"--seed must be a whole number between -{MAX_SEED} and {MAX_SEED}, not {seed!r}.")
     return value
 
 
