@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import soundfile
 
 from tests.browser import browser_page, running_app, screenshots_dir
 from tests.trained_speech import chance_shared_labels, espeak_wav, shared_labels, trained_speech_dir
@@ -91,6 +92,10 @@ def test_dictating_in_the_browser_ranks_while_speaking(app_url, dictation_wav, t
         during = _result_ids(tab)
         assert len(during) == K and len(set(during)) == K, during
         page.screenshot(path=str(shots / "dictate_1_while_speaking.png"), full_page=True)
+        # Chromium's fake microphone plays the file in a loop from wherever it was when recording began: keep
+        # recording until the whole dictation has been heard once (in some rotation), as a radiologist would finish
+        length_s = soundfile.info(str(dictation_wav)).duration
+        _wait(lambda: renewed() and heard[-1] >= length_s + 1.0, 150, "the whole dictation heard")
 
         tab.locator("#dictate-audio .stop-button").click()
         _wait(lambda: "Final ranking" in status.inner_text(), 90, "the final ranking after Stop")
