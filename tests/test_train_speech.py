@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from engine.audio import read_audio
 from engine.models.losses import symmetric_infonce
 from engine.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
-from training.train_speech import SpeechStep, SpeechTrainConfig, WhisperPrefixCache, make_optimizer_factory
+from training.train_speech import (CachedWindows, SpeechStep, SpeechTrainConfig, WhisperPrefixCache,
+                                   make_optimizer_factory)
 
 SENTENCES = ["Right pleural effusion.", "The heart is enlarged.", "Emphysema in both upper lobes."]
 
@@ -39,6 +40,8 @@ def test_cached_prefix_gives_the_full_pass(model, clips, tmp_path):
     windows = cache.get("clip0", lambda: clips["clip0"])
     again = cache.get("clip0", lambda: pytest.fail("the prefix must come from the cache"))
     assert torch.equal(windows[0][0], again[0][0]) and windows[0][1] == again[0][1]
+    read_when_asked = CachedWindows(cache)["clip0"]          # what training's SpeechPairs reads per batch
+    assert torch.equal(windows[0][0], read_when_asked[0][0]) and windows[0][1] == read_when_asked[0][1]
     step = SpeechStep(model, logit_scale=10.0, distill_weight=1.0).eval()
     with torch.no_grad():
         from_cache = step.audio_latents([windows])[0]
