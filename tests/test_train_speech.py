@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from engine.audio import read_audio
 from engine.models.losses import symmetric_infonce
 from engine.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
-from training.train_speech import SpeechStep, SpeechTrainConfig, WhisperPrefixCache, make_optimizer_factory
+from training.train_speech import (CachedWindows, SpeechStep, SpeechTrainConfig, WhisperPrefixCache,
+                                   make_optimizer_factory)
 
 SENTENCES = ["Right pleural effusion.", "The heart is enlarged.", "Emphysema in both upper lobes."]
 
@@ -38,6 +40,8 @@ def test_cached_prefix_gives_the_full_pass(model, clips, tmp_path):
     windows = cache.get("clip0", lambda: clips["clip0"])
     again = cache.get("clip0", lambda: pytest.fail("the prefix must come from the cache"))
     assert torch.equal(windows[0][0], again[0][0]) and windows[0][1] == again[0][1]
+    read_when_asked = CachedWindows(cache)["clip0"]          # what training's SpeechPairs reads per batch
+    assert torch.equal(windows[0][0], read_when_asked[0][0]) and windows[0][1] == read_when_asked[0][1]
     step = SpeechStep(model, logit_scale=10.0, distill_weight=1.0).eval()
     with torch.no_grad():
         from_cache = step.audio_latents([windows])[0]
@@ -117,18 +121,21 @@ def test_synthesis_only_plans_every_clip_queries_first_and_loads_no_ct_clip(tmp_
     from engine.models.ctclip import all_zero_shot_prompts
 
     command = [sys.executable, "-m", "training", "speech", "--synthesis-only", "--studies", "3", "--test-studies",
-               "2", "--cache", str(tmp_path), "--synthesis-budget-min", "0"]
+               "2", "--real-studies", "3", "--cache", str(tmp_path), "--synthesis-budget-min", "0"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     phases = json.loads(done.stdout.strip().splitlines()[-1])["synthesis"]
-    assert list(phases) == ["espeak-ng train split", "train queries", "test queries", "spoken zero-shot prompts", "espeak-ng test split",
-                            "real reports (acceptance test)", "test reports", "train reports"]
+    assert list(phases) == ["espeak-ng train split", "espeak-ng real reports", "train queries", "test queries",
+                            "spoken zero-shot prompts", "espeak-ng test split", "real reports (acceptance test)",
+                            "test reports", "real reports (Kokoro, training)", "train reports"]
     counts = {name: phase["clips"] for name, phase in phases.items()}
-    assert counts == {"espeak-ng train split": 3, "train queries": 3, "test queries": 2, "spoken zero-shot prompts": len(all_zero_shot_prompts()),
-                      "espeak-ng test split": 4, "real reports (acceptance test)": 6, "test reports": 2,
+    assert counts == {"espeak-ng train split": 3, "espeak-ng real reports": 3, "train queries": 3, "test queries": 2,
+                      "spoken zero-shot prompts": len(all_zero_shot_prompts()), "espeak-ng test split": 4,
+                      "real reports (acceptance test)": 6, "test reports": 2, "real reports (Kokoro, training)": 3,
                       "train reports": 3}
     assert all(phase["made"] == 0 and phase["skipped"] == phase["clips"] for phase in phases.values())
     assert (tmp_path / "phantoms-train-3" / "studies.jsonl").is_file() and not (tmp_path / "teachers").exists()
+    assert (tmp_path / "phantoms-real-3" / "studies.jsonl").is_file()     # 3 rows: not the CT CLIP's plan, own folder
 
 
 def test_comparison_table_is_written_into_the_distilled_metrics(tmp_path):
@@ -158,3 +165,67 @@ def test_comparison_table_is_written_into_the_distilled_metrics(tmp_path):
     plain.write_text(json.dumps(metrics(0.80, 0.70, 0.4, ctclip="ctclip-b")))
     with pytest.raises(UserError, match="different ctclip"):
         add_comparison(distilled, plain)
+
+
+# ----------------------------------------------------------------------------- real CT-RATE reports in the training set
+
+TINY_GRID_ZYX = (8, 16, 16)      # the demo field of view on 8 x 16 x 16 voxels: phantoms in a tenth of a second
+HELD_OUT_ROW = 54                # the smallest CSV row among the acceptance test's six reports (rows 54, 178, 343,
+#                                  348, 358, 767: the shortest reports with at least two hand-set labels)
+
+
+def test_real_reports_enter_the_training_plan_without_the_acceptance_tests(tmp_path):
+    """The first 56 CSV rows (tiny phantoms): the training plan reads 55 real reports, each by espeak-ng and by a
+    training Kokoro voice, in row order; row 54, one of the acceptance test's six, is read by neither."""
+    from training.ctclip_data import load_real_reports
+    from training.eval_speech import real_report_clips
+    from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES
+    from training.train_speech import training_phases
+
+    reports = load_real_reports()
+    acceptance = {clip.text for _, clip in real_report_clips()}
+    assert reports.text[HELD_OUT_ROW] in acceptance and not set(reports.text[:HELD_OUT_ROW]) & acceptance
+    cfg = SpeechTrainConfig(n_studies=2, n_real_studies=HELD_OUT_ROW + 2, real_grid_zyx=TINY_GRID_ZYX)
+    phases = dict(training_phases(cfg, tmp_path, progress=False, workers=1))
+    expected = [reports.text[row] for row in range(HELD_OUT_ROW + 2) if row != HELD_OUT_ROW]
+    espeak, kokoro = phases["espeak-ng real reports"], phases["real reports (Kokoro, training)"]
+    assert [c.text for c in espeak] == expected and [c.text for c in kokoro] == expected
+    assert {c.voice for c in espeak} <= set(ESPEAK_TRAIN_VOICES) and {c.voice for c in kokoro} <= set(TRAIN_VOICES)
+    every_training_text = {clip.text for clips in phases.values() for clip in clips}
+    assert not every_training_text & acceptance
+    assert len(phases["espeak-ng train split"]) == 2 and len(phases["train queries"]) == 2   # the phantom studies
+
+
+@pytest.mark.slow
+def test_real_report_items_pair_the_spoken_report_with_its_phantom_and_its_text(tmp_path):
+    """A tiny training set (2 phantom studies, the first 3 real reports, no Kokoro budget): the espeak-ng clips of the
+    real reports are made and become items whose CT latent is the frozen CT CLIP's latent of the phantom rendered
+    from THAT report's hand-set labels, and whose text latent is the CT CLIP's latent of that report."""
+    import soundfile
+
+    from engine.phantom import make_study
+    from engine.volume import Volume
+    from training.ctclip_data import REAL_SEED_BASE, field_spacing_xyz, load_real_reports
+    from training.train_speech import ctclip_pipeline, training_data
+
+    reports = load_real_reports()
+    cfg = SpeechTrainConfig(n_studies=2, n_real_studies=3, real_grid_zyx=TINY_GRID_ZYX, synthesis_budget_cpu_s=0.0)
+    pipeline = ctclip_pipeline()
+    data = training_data(cfg, tmp_path, pipeline, progress=False)
+    assert data["synthesis"]["kokoro"]["made"] == 0 and data["synthesis"]["espeak-ng real reports"]["made"] == 3
+    real = {data["clips"][item.key].text: item for item in data["items"]
+            if data["clips"][item.key].text in set(reports.text[:3])}
+    assert len(data["items"]) == 2 + 3 and len(real) == 3        # the phantom reports (espeak-ng) and the real ones
+    phantoms, texts = [], pipeline.embed_texts(list(reports.text[:3]))
+    for row in range(3):
+        study = make_study(REAL_SEED_BASE + row, labels=reports.labels[row], shape_zyx=TINY_GRID_ZYX,
+                           spacing_xyz=field_spacing_xyz(TINY_GRID_ZYX))
+        assert sorted(study.labels) == sorted(reports.labels[row])
+        phantoms.append(pipeline.embed_volume(Volume(array=np.rint(study.volume.array),
+                                                     spacing=field_spacing_xyz(TINY_GRID_ZYX))))
+    for row in range(3):
+        item, clip = real[reports.text[row]], data["clips"][real[reports.text[row]].key]
+        assert clip.engine == "espeak" and soundfile.info(str(data["synthesizer"].path(clip))).duration > 20.0
+        np.testing.assert_allclose(item.text_latent, texts[row], atol=1e-4)
+        similarity = np.array([item.ct_latent @ p for p in phantoms])
+        assert similarity[row] > 0.999 and similarity.argmax() == row, similarity

@@ -242,6 +242,7 @@ def _speech(args) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                    "seed": args.seed, "distill_weight": args.distill_weight,
                                    "n_studies": args.studies, "n_test_studies": args.test_studies,
+                                   "n_real_studies": args.real_studies,
                                    "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
                                    "reports_csv": args.reports_csv, "cpu_threads": args.threads}.items()
                  if v is not None}
@@ -353,6 +354,9 @@ def _add_speech_parsers(sub) -> None:
     s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
     s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")
     s.add_argument("--test-studies", type=int, help="demo: held-out phantom studies (default 100)")
+    s.add_argument("--real-studies", type=int,
+                   help="demo: real CT-RATE reports read aloud for training, the first N rows of the report CSV "
+                   "(default 800; the acceptance test's six are held out; 0 = none)")
     s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, oversubscribed CPU)")
     s.add_argument("--out", help="run directory (default runs/speech-PRESET)")
     s.add_argument("--cache", help="data cache (demo; default cache/speech-demo)")

@@ -93,6 +93,12 @@ class CachePlan:
         return {"index": index, "seed": REAL_SEED_BASE + row, "kind": "real", "row": row}
 
 
+def field_spacing_xyz(grid_zyx: tuple[int, int, int]) -> tuple[float, float, float]:
+    """(x, y, z) mm spacing that spreads `grid_zyx` (z, y, x) voxels over the demo field of view (350 x 350 x 300 mm):
+    DEMO_SPACING_XYZ on DEMO_SHAPE_ZYX, coarser on a smaller grid (cheap phantoms of the same anatomy)."""
+    return tuple(s * n / g for s, n, g in zip(DEMO_SPACING_XYZ, DEMO_SHAPE_ZYX[::-1], tuple(grid_zyx)[::-1]))
+
+
 def real_reports_csv() -> Path:
     """The 800 real CT-RATE reports with their hand-set labels (under $CT_SHARED_DATA, engine.settings)."""
     return shared_data() / "ctrate_reports" / "reports_with_labels.csv"

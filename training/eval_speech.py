@@ -76,8 +76,9 @@ REAL_REPORT_MIN_LABELS = 2
 
 def real_report_clips(n: int = REAL_REPORTS_SPOKEN) -> list[tuple[set[str], object]]:
     """[(hand-set labels, Clip)] of the `n` shortest real CT-RATE reports with at least REAL_REPORT_MIN_LABELS labels,
-    each read whole by a Kokoro voice of EVAL_VOICES (never trained on; the demo encoder never hears a real report)
-    at speed 1.0: the acceptance test's dictations, made ahead by `python -m training speech --synthesis-only`."""
+    each read whole by a Kokoro voice of EVAL_VOICES (never trained on) at speed 1.0: the acceptance test's
+    dictations, made ahead by `python -m training speech --synthesis-only`. The speech training, which reads the
+    other real reports, holds these out (held_out_report_texts)."""
     from training.ctclip_data import load_real_reports
     from training.speech_data import EVAL_VOICES, Clip
 
@@ -86,6 +87,12 @@ def real_report_clips(n: int = REAL_REPORTS_SPOKEN) -> list[tuple[set[str], obje
     reports = reports.assign(words=reports["text"].str.split().str.len()).sort_values("words", kind="stable")
     return [(set(row.labels), Clip(row.text, EVAL_VOICES[i % len(EVAL_VOICES)], 1.0))
             for i, row in enumerate(reports.head(n).itertuples())]
+
+
+def held_out_report_texts() -> set[str]:
+    """The texts of real_report_clips(): the real reports the speech training never hears (it matches by text, so a
+    copy of one of them elsewhere in the CSV is held out too)."""
+    return {clip.text for _, clip in real_report_clips()}
 
 
 def spoken_zero_shot(model, synthesizer, ct: np.ndarray, labels: np.ndarray, scale: float, voice: str) -> dict:

@@ -11,9 +11,11 @@ same one command), and the Whisper layers below the trainable top are run once p
 frames only in the demo, is cached in float16), so a training step runs only the top layers, the pooling and the
 head. The loop (steps, time budget, checkpoint/resume, progress bar, torchrun) is training/loop.py.
 
-Demo data (`prepare_demo`): phantom studies of training/ctclip_data.py's train split (held-out: its test split), each
-with its generated report and short query read by a TRAIN_VOICES Kokoro voice at speed 0.9-1.1 (training/
-speech_data.py), within a CPU budget. Paper data (`--audio-dir`): audio files named by CT-RATE VolumeName
+Demo data (`training_phases`): phantom studies of training/ctclip_data.py's train split (held-out: its test split),
+each with its generated report and short query, and the real CT-RATE reports (their phantoms from the demo CT CLIP's
+own training cache; the acceptance test's six held out), read by espeak-ng (ESPEAK_TRAIN_VOICES: the phantom and the
+real reports) and by a TRAIN_VOICES Kokoro voice at speed 0.9-1.1 (training/speech_data.py) within a CPU budget
+(queries, then real reports, then phantom reports). Paper data (`--audio-dir`): audio files named by CT-RATE VolumeName
 (VOLUME.wav / .flac, e.g. train_1_a_1.flac) with precomputed CT latents (`--ct-latents` safetensors keyed by
 VolumeName, from the frozen CT-CLIP) and the reports CSV for the text teacher.
 """
@@ -29,6 +31,7 @@ from torch import nn
 
 from engine.models.losses import symmetric_infonce
 from engine.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig, Window
+from engine.volume import DEMO_SHAPE_ZYX
 from training.loop import LoopConfig, TrainingLoop
 
 
@@ -53,6 +56,11 @@ class SpeechTrainConfig:
     texts: tuple = ("query", "report")  # clips are made in this order (all queries, then reports) until the budget
     synthesis_budget_cpu_s: float = 3600.0
     espeak_train_texts: tuple = ("report",)  # also read these training texts with espeak-ng (ESPEAK_TRAIN_VOICES)
+    # real CT-RATE reports: the first N rows of the CSV (the acceptance test's six held out: 794 of 800), each read
+    # by espeak-ng and, within the Kokoro budget, by Kokoro; 0 = none
+    n_real_studies: int = 800
+    real_grid_zyx: tuple = DEMO_SHAPE_ZYX  # their phantoms' grid over the demo field of view (the CT CLIP's own:
+    #                                        its training cache is reused; a smaller grid for cheap tests)
     lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0, "pool": 1.0})
     cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
@@ -92,6 +100,9 @@ class WhisperPrefixCache:
         return self.base / f"whisper-{self.model.config.whisper.replace(':', '-')}-{depth}of" \
                            f"{len(self.model.whisper.layers)}"
 
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
     @staticmethod
     def read(path: Path) -> list[tuple[torch.Tensor, int]]:
         from safetensors.torch import load_file
@@ -104,7 +115,7 @@ class WhisperPrefixCache:
         A clip cached at a shallower depth (another trainable_layers) continues from there instead of the audio."""
         from safetensors.torch import save_file
 
-        path = self.root / f"{key}.safetensors"
+        path = self.path(key)
         if path.is_file():
             return self.read(path)
         shallower = [(d, self.folder(d) / path.name) for d in range(self.model.frozen_layers - 1, 0, -1)]
@@ -135,10 +146,22 @@ class SpeechItem:
     text_latent: np.ndarray
 
 
-class SpeechPairs(torch.utils.data.Dataset):
-    """Items -> (windows [(hidden, spoken)], ct latent (D,), text latent (D,)), windows from the prefix cache."""
+class CachedWindows:
+    """key -> the clip's cached windows [(hidden, spoken)], read from a WhisperPrefixCache when asked: the demo set's
+    prefixes (float16, about 38 kB per second of speech: some 5 GB for 30 h of clips) stay on disk."""
 
-    def __init__(self, items: list[SpeechItem], windows: dict[str, list[tuple[torch.Tensor, int]]]):
+    def __init__(self, prefixes: WhisperPrefixCache):
+        self.prefixes = prefixes
+
+    def __getitem__(self, key: str) -> list[tuple[torch.Tensor, int]]:
+        return self.prefixes.read(self.prefixes.path(key))
+
+
+class SpeechPairs(torch.utils.data.Dataset):
+    """Items -> (windows [(hidden, spoken)], ct latent (D,), text latent (D,)), windows from the prefix cache
+    (`windows`: a dict, or CachedWindows)."""
+
+    def __init__(self, items: list[SpeechItem], windows):
         self.items, self.windows = items, windows
 
     def __len__(self):
@@ -216,34 +239,78 @@ def teacher_latents(pipeline, cache_path: Path, volumes_fn, texts: list[str]) ->
     return ct, text
 
 
+def split_name(cfg: SpeechTrainConfig, split: str) -> str:
+    """A split's plan in file names (its phantoms' folder, its teacher latents): "train-400", "test-100", "real-800"
+    ("real-3-16x32x32" on another grid than the demo's)."""
+    if split == "real":
+        grid = tuple(int(v) for v in cfg.real_grid_zyx)
+        return f"real-{cfg.n_real_studies}" + ("" if grid == DEMO_SHAPE_ZYX else "-" + "x".join(map(str, grid)))
+    return f"{split}-{cfg.n_studies if split == 'train' else cfg.n_test_studies}"
+
+
+def real_report_phantoms(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True, workers: int = 2):
+    """PhantomCache of the real CT-RATE reports the speech training reads: the phantoms of the first
+    cfg.n_real_studies rows of the report CSV (each rendered from its report's hand-set labels, training/
+    ctclip_data.py), "real" records only, in row order, without the acceptance test's reports (eval_speech.
+    held_out_report_texts, matched by text). With the demo CT CLIP's own plan (800 rows on its grid) they come from
+    its training cache, cache/ctclip-demo/train (the volumes it trained on, rendered once for both, as training/
+    train_vae.py does); another plan renders into cache_root/phantoms-real-N[-ZxYxX]."""
+    from engine.errors import UserError
+    from engine.settings import training_cache_dir
+    from training.ctclip_data import (CachePlan, PhantomCache, build_cache, field_spacing_xyz, load_real_reports,
+                                      real_reports_csv)
+    from training.eval_speech import held_out_report_texts
+    from training.train_ctclip import TrainConfig, demo_train_cache
+
+    n_rows = len(load_real_reports())
+    if not 0 < cfg.n_real_studies <= n_rows:
+        raise UserError(f"--real-studies must be between 0 and {n_rows}, the real reports in {real_reports_csv()}.")
+    ctclip = TrainConfig.demo()
+    grid = tuple(int(v) for v in cfg.real_grid_zyx)
+    if (cfg.n_real_studies, grid) == (ctclip.n_train_real, DEMO_SHAPE_ZYX):
+        studies = demo_train_cache(ctclip, training_cache_dir() / "ctclip-demo", progress)
+    else:
+        plan = CachePlan("train", 0, cfg.n_real_studies, grid, field_spacing_xyz(grid))
+        studies = PhantomCache(build_cache(cache_root / f"phantoms-{split_name(cfg, 'real')}", plan, workers=workers,
+                                           progress=progress))
+    held_out = held_out_report_texts()
+    studies.records = [r for r in studies.records if r["kind"] == "real" and r["real_report"] not in held_out]
+    return studies
+
+
 def split_plan(cfg: SpeechTrainConfig, split: str, cache_root: Path, voices, engine: str = "kokoro",
                progress: bool = True, workers: int = 2) -> tuple:
-    """(PhantomCache, texts [(study, kind, text)], clips aligned with texts) of one phantom split read by `voices`:
-    the ONE home of the clip plan, so `--synthesis-only`, training and evaluation ask for the same clips. The split's
-    phantoms are rendered (or found) under cache_root; texts are every study's cfg.texts in order (all queries first,
-    then all reports)."""
+    """(PhantomCache, texts [(study, kind, text)], clips aligned with texts) of one split read by `voices`: the ONE
+    home of the clip plan, so `--synthesis-only`, training and evaluation ask for the same clips. "train" / "test":
+    the phantom split rendered (or found) under cache_root, texts every study's cfg.texts in order (all queries
+    first, then all reports); "real": real_report_phantoms, texts their real reports (kind "real_report")."""
     from training.ctclip_data import CachePlan, PhantomCache, build_cache
     from training.speech_data import plan_clips
 
-    n = cfg.n_studies if split == "train" else cfg.n_test_studies
-    root = build_cache(cache_root / f"phantoms-{split}-{n}", CachePlan(split=split, n_generated=n), workers=workers,
-                       progress=progress)
-    studies = PhantomCache(root)
-    texts = [(i, kind, rec[kind]) for kind in cfg.texts for i, rec in enumerate(studies.records) if rec.get(kind)]
-    seed = {"train": 1, "test": 2}[split] * 1000 + (0 if engine == "kokoro" else 500)
+    if split == "real":
+        studies = real_report_phantoms(cfg, cache_root, progress=progress, workers=workers)
+        texts = [(i, "real_report", rec["real_report"]) for i, rec in enumerate(studies.records)]
+    else:
+        n = cfg.n_studies if split == "train" else cfg.n_test_studies
+        root = build_cache(cache_root / f"phantoms-{split_name(cfg, split)}", CachePlan(split=split, n_generated=n),
+                           workers=workers, progress=progress)
+        studies = PhantomCache(root)
+        texts = [(i, kind, rec[kind]) for kind in cfg.texts for i, rec in enumerate(studies.records) if rec.get(kind)]
+    seed = {"train": 1, "test": 2, "real": 3}[split] * 1000 + (0 if engine == "kokoro" else 500)
     return studies, texts, plan_clips([t for _, _, t in texts], voices, seed=seed, engine=engine)
 
 
 def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, voices, engine: str = "kokoro",
                budget_cpu_s: float | None = None, progress: bool = True) -> dict:
-    """One phantom split read aloud: {"items": [SpeechItem], "clips": {key: Clip}, "records": study records,
-    "synthesis": what was made}. Only clips that exist (within the budget) become items."""
+    """One split read aloud: {"items": [SpeechItem], "clips": {key: Clip}, "records": study records,
+    "synthesis": what was made}. Only clips that exist (within the budget) become items; each item pairs its clip
+    with the frozen CT CLIP's latent of its study's phantom and the CT CLIP's text latent of the text read."""
     from engine.volume import Volume
     from training.speech_data import SpeechSynthesizer, synthesize
 
     studies, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress)
-    n = cfg.n_studies if split == "train" else cfg.n_test_studies
-    ct, text = teacher_latents(pipeline, cache_root / "teachers" / f"{pipeline.model_id}-{split}-{n}.safetensors",
+    ct, text = teacher_latents(pipeline, cache_root / "teachers" / f"{pipeline.model_id}-{split_name(cfg, split)}"
+                                                                   ".safetensors",
                                lambda: (Volume(array=studies.hu(i), spacing=studies.spacing_xyz)
                                         for i in range(len(studies))), [t for _, _, t in texts])
     synthesizer = SpeechSynthesizer(cache_root / "speech")
@@ -256,27 +323,52 @@ def demo_split(cfg: SpeechTrainConfig, split: str, cache_root: Path, pipeline, v
             "synthesizer": synthesizer}
 
 
+def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True,
+                    workers: int = 2) -> list[tuple[str, list]]:
+    """What the demo training reads, as [(phase name, clips)] in the order worth making them: espeak-ng first
+    (minutes of CPU for hours of speech: cfg.espeak_train_texts of the phantom studies, then the real reports), then
+    Kokoro, which train() makes within its budget in this order: the training queries (about 3 s each), the real
+    reports (about 110 s), the phantom reports (about 90 s; espeak-ng reads them all already)."""
+    from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES
+
+    def read(split, voices, kinds, engine="kokoro"):
+        if split == "real" and cfg.n_real_studies == 0:
+            return []
+        _, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress,
+                                     workers=workers)
+        return [c for (_, k, _), c in zip(texts, clips) if k in kinds]
+
+    return [("espeak-ng train split", read("train", ESPEAK_TRAIN_VOICES, cfg.espeak_train_texts, "espeak")),
+            ("espeak-ng real reports", read("real", ESPEAK_TRAIN_VOICES, ("real_report",), "espeak")),
+            ("train queries", read("train", TRAIN_VOICES, set(cfg.texts) & {"query"})),
+            ("real reports (Kokoro, training)", read("real", TRAIN_VOICES, ("real_report",))),
+            ("train reports", read("train", TRAIN_VOICES, set(cfg.texts) & {"report"}))]
+
+
 def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
-    them: the training reports read by espeak-ng (minutes of CPU for hours of speech), the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap),
-    the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, then the training
-    reports (about 90 s each, the bulk of the CPU)."""
+    them: the espeak-ng training clips (phantom reports, real reports: minutes of CPU for hours of speech), the
+    training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap), the real
+    reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, the real training reports
+    read by Kokoro (about 24 h of speech for 794), then the phantom training reports (about 90 s each)."""
     from training.eval_speech import prompt_clips, real_report_clips
-    from training.speech_data import ESPEAK_TRAIN_VOICES, ESPEAK_VOICES, EVAL_VOICES, TRAIN_VOICES
+    from training.speech_data import ESPEAK_VOICES, EVAL_VOICES
 
-    def by_kind(split, voices, engine="kokoro"):
-        _, texts, clips = split_plan(cfg, split, cache_root, voices, engine=engine, progress=progress, workers=1)
+    def by_kind(voices, engine="kokoro"):
+        _, texts, clips = split_plan(cfg, "test", cache_root, voices, engine=engine, progress=progress, workers=1)
         return {kind: [c for (_, k, _), c in zip(texts, clips) if k == kind] for kind in cfg.texts}
 
-    train, test = by_kind("train", TRAIN_VOICES), by_kind("test", EVAL_VOICES)
-    espeak = by_kind("test", ESPEAK_VOICES, engine="espeak")
-    espeak_train = by_kind("train", ESPEAK_TRAIN_VOICES, engine="espeak")
-    return [("espeak-ng train split", [c for kind in cfg.espeak_train_texts for c in espeak_train[kind]]),
-            ("train queries", train.get("query", [])), ("test queries", test.get("query", [])),
+    train = dict(training_phases(cfg, cache_root, progress=progress, workers=1))
+    test, espeak = by_kind(EVAL_VOICES), by_kind(ESPEAK_VOICES, engine="espeak")
+    return [("espeak-ng train split", train["espeak-ng train split"]),
+            ("espeak-ng real reports", train["espeak-ng real reports"]),
+            ("train queries", train["train queries"]), ("test queries", test.get("query", [])),
             ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
             ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
             ("real reports (acceptance test)", [clip for _, clip in real_report_clips()]),
-            ("test reports", test.get("report", [])), ("train reports", train.get("report", []))]
+            ("test reports", test.get("report", [])),
+            ("real reports (Kokoro, training)", train["real reports (Kokoro, training)"]),
+            ("train reports", train["train reports"])]
 
 
 def synthesize_demo_clips(cfg: SpeechTrainConfig, cache_root: Path | None = None, budget_cpu_s: float | None = None,
@@ -313,11 +405,38 @@ def ctclip_pipeline():
 
 # --------------------------------------------------------------------------------------------------------- train
 
+def training_data(cfg: SpeechTrainConfig, cache_root: Path, pipeline, progress: bool = True) -> dict:
+    """The demo training set: the clips of training_phases (espeak-ng all made; Kokoro made in phase order within
+    cfg.synthesis_budget_cpu_s), each that exists paired with its study's frozen CT latent and its text's frozen
+    text latent (demo_split). {"items", "clips" {key: Clip}, "synthesis" {phase or "kokoro": report},
+    "synthesizer"}."""
+    from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES, SpeechSynthesizer, synthesize
+
+    phases = training_phases(cfg, cache_root, progress=progress)
+    synthesizer = SpeechSynthesizer(cache_root / "speech")
+    synthesis = {name: synthesize(clips, synthesizer, progress=progress, desc=name)
+                 for name, clips in phases if clips and clips[0].engine == "espeak"}
+    kokoro = [clip for _, clips in phases for clip in clips if clip.engine == "kokoro"]
+    synthesis["kokoro"] = synthesize(kokoro, synthesizer, cfg.synthesis_budget_cpu_s, progress=progress,
+                                     desc="Kokoro training clips")
+    wanted = {clip.key for _, clips in phases for clip in clips}
+    sources = [("train", TRAIN_VOICES, "kokoro"), ("train", ESPEAK_TRAIN_VOICES, "espeak")]
+    if cfg.n_real_studies != 0:
+        sources += [("real", TRAIN_VOICES, "kokoro"), ("real", ESPEAK_TRAIN_VOICES, "espeak")]
+    items, clips = [], {}
+    for split, voices, engine in sources:     # budget 0: every clip wanted is made above, in the phases' order
+        part = demo_split(cfg, split, cache_root, pipeline, voices, engine=engine, budget_cpu_s=0, progress=False)
+        items += [item for item in part["items"] if item.key in wanted]
+        clips.update(part["clips"])
+    return {"items": items, "clips": clips, "synthesis": synthesis, "synthesizer": synthesizer}
+
+
 def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
           progress: bool = True) -> dict:
     """Prepare (or reuse) the data and caches, train through training/loop.py, export OUT/model (save_pretrained)."""
+    from tqdm import tqdm
+
     from engine.settings import training_cache_dir
-    from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES
 
     if cfg.preset != "demo":
         return train_paper(cfg, out_dir, resume=resume, progress=progress)
@@ -327,23 +446,18 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
     loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="speech")
     loop.write_run_config(asdict(cfg))
     pipeline = ctclip_pipeline()
-    data = demo_split(cfg, "train", cache_root, pipeline, TRAIN_VOICES, budget_cpu_s=cfg.synthesis_budget_cpu_s,
-                      progress=progress)
-    if cfg.espeak_train_texts:      # the robustness source: espeak-ng reads what Kokoro's budget could not
-        espeak = demo_split(cfg, "train", cache_root, pipeline, ESPEAK_TRAIN_VOICES, engine="espeak",
-                            progress=progress)
-        data["items"] += [item for item in espeak["items"] if espeak["kind_of"][item.key] in cfg.espeak_train_texts]
-        data["clips"].update(espeak["clips"])
-        data["synthesis"] = {"kokoro": data["synthesis"], "espeak-ng": espeak["synthesis"]}
+    data = training_data(cfg, cache_root, pipeline, progress=progress)
     if len(data["items"]) < 2:
         raise SystemExit("fewer than 2 training clips were made: raise the synthesis budget")
     model = SpeechEncoder.from_whisper(cfg.model_config(pipeline.model.config.latent_dim), seed=cfg.seed)
     prefixes = WhisperPrefixCache(model, cache_root)
-    windows = {item.key: prefixes.get(item.key, lambda k=item.key: data["synthesizer"].load(data["clips"][k]))
-               for item in data["items"]}
+    for item in tqdm(data["items"], desc="Whisper prefixes (frozen)", unit="clip", disable=not progress):
+        if not prefixes.path(item.key).is_file():
+            prefixes.get(item.key, lambda k=item.key: data["synthesizer"].load(data["clips"][k]))
     step = SpeechStep(model, float(pipeline.model.logit_scale.detach()), cfg.distill_weight).to(loop.dist.device)
     out_dir = Path(out_dir)
-    summary = loop.run(step, make_optimizer_factory(model, cfg), SpeechPairs(data["items"], windows), collate=collate,
+    summary = loop.run(step, make_optimizer_factory(model, cfg), SpeechPairs(data["items"], CachedWindows(prefixes)),
+                       collate=collate,
                        inputs=lambda batch: ((batch[0], batch[1].to(loop.dist.device), batch[2].to(loop.dist.device)),
                                              {}),
                        on_checkpoint=lambda: model.save_pretrained(out_dir / "model"))

@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.models.vae import CTAutoencoder, VAEConfig, hu_to_unit
 from engine.settings import training_cache_dir
-from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ
+from engine.volume import DEMO_SHAPE_ZYX
 from training.loop import LoopConfig, TrainingLoop
 
 
@@ -68,10 +68,10 @@ def generator_phantom_cache(n_generated: int, n_real: int, cache_root: Path | No
     """The generator's phantom studies (int16 HU + reports) on `grid_zyx` voxels over the demo field of view
     (350 x 350 x 300 mm), rendered once and resumable: cache_root/train, or by default the demo CT CLIP's training
     cache when the plan is its plan (the same studies), else cache/generator-demo/train."""
-    from training.ctclip_data import CachePlan, PhantomCache, build_cache
+    from training.ctclip_data import CachePlan, PhantomCache, build_cache, field_spacing_xyz
     from training.train_ctclip import TrainConfig
 
-    spacing = tuple(s * n / g for s, n, g in zip(DEMO_SPACING_XYZ, DEMO_SHAPE_ZYX[::-1], tuple(grid_zyx)[::-1]))
+    spacing = field_spacing_xyz(grid_zyx)
     ctclip = TrainConfig.demo()
     shared = (n_generated, n_real, tuple(grid_zyx)) == (ctclip.n_train_generated, ctclip.n_train_real, DEMO_SHAPE_ZYX)
     default = training_cache_dir() / ("ctclip-demo" if shared else "generator-demo")
