@@ -42,8 +42,12 @@ def planes(volume, zoom: int = 2) -> list[np.ndarray]:
     """Axial and coronal planes through the centre on the lung window, enlarged `zoom` times."""
     level, width = WINDOWS["lung"]
     z, y, _ = volume.array.shape
-    return [np.kron(plane_image(volume, plane, index, level, width), np.ones((zoom, zoom, 1), dtype=np.uint8))
-            for plane, index in (("axial", z // 2), ("coronal", y // 2))]
+    tiles = []
+    for plane, index in (("axial", z // 2), ("coronal", y // 2)):
+        grey = plane_image(volume, plane, index, level, width)          # (rows, columns) uint8
+        rgb = np.repeat(grey[..., None], 3, axis=2) if grey.ndim == 2 else grey
+        tiles.append(np.kron(rgb, np.ones((zoom, zoom, 1), dtype=np.uint8)))
+    return tiles
 
 
 def main(argv=None) -> int:
