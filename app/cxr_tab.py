@@ -16,7 +16,8 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from app.find_tab import COLUMNS, display_heat, open_library_result, results_table, selected_result_id
+from app.find_tab import (COLUMNS, display_heat, open_clicked_results, results_table,
+                          show_model_status)
 from app.models import CTClipModels, CXRModels
 from app.viewer import ct_viewer
 from app.zeroshot_panel import zero_shot_figure
@@ -158,14 +159,7 @@ def cxr_tab(ctclip: CTClipModels, cxr: CXRModels, current: gr.State, demo: gr.Bl
     wire(simulate.click(simulate_film, current, [film, film_image, status]))
     finding.input(draw, [film, finding], [film_image, map_note], show_progress="hidden")
 
-    def open_selected(found, evt: gr.SelectData):
-        _, _, volume, md = open_library_result(ctclip, found, selected_result_id(evt))
-        return volume, None, md
-
-    viewer.open_after(table.select(open_selected, results, [viewer.volume, viewer.overlay, report]))
+    open_clicked_results(ctclip, table, results, viewer, report)
     if demo is not None:
-        def model_status():
-            problem = cxr.unavailable()
-            return f"⚠ {problem}" if problem else NO_FILM
-        demo.load(model_status, None, status, show_progress="hidden")
+        show_model_status(demo, cxr, NO_FILM, status)
     return viewer

@@ -13,7 +13,8 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from app.find_tab import COLUMNS, open_library_result, results_table, selected_result_id
+from app.find_tab import (COLUMNS, open_clicked_results, results_table,
+                          show_model_status)
 from app.models import CTClipModels, SpeechModels
 from app.viewer import ct_viewer
 from app.zeroshot_panel import zero_shot_figure
@@ -120,14 +121,7 @@ def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | No
     audio.start_recording(lambda: new_session(), None, session, show_progress="hidden")
     audio.upload(lambda r, kk: on_upload(r, kk, speech, ctclip), [audio, k], [table, results, findings, status])
 
-    def open_selected(found, evt: gr.SelectData):
-        _, _, volume, md = open_library_result(ctclip, found, selected_result_id(evt))
-        return volume, None, md
-
-    viewer.open_after(table.select(open_selected, results, [viewer.volume, viewer.overlay, report]))
+    open_clicked_results(ctclip, table, results, viewer, report)
     if demo is not None:
-        def model_status():
-            problem = speech.unavailable()
-            return f"⚠ {problem}" if problem else LISTENING
-        demo.load(model_status, None, status, show_progress="hidden")
+        show_model_status(demo, speech, LISTENING, status)
     return viewer

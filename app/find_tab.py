@@ -88,6 +88,24 @@ def open_library_result(models: CTClipModels, found: list[dict], result_id: str)
     return rank, result, volume, result_markdown(result, models.library(), rank)
 
 
+def open_clicked_results(models: CTClipModels, table, results, viewer, report) -> None:
+    """A results table whose clicked row opens that study in the tab's viewer and its report (the Dictate and
+    Chest X-ray tabs; the Find tab also draws a heat map)."""
+    def open_selected(found, evt: gr.SelectData):
+        _, _, volume, md = open_library_result(models, found, selected_result_id(evt))
+        return volume, None, md
+
+    viewer.open_after(table.select(open_selected, results, [viewer.volume, viewer.overlay, report]))
+
+
+def show_model_status(demo, holder, ready: str, status) -> None:
+    """On page load, the status says why the tab's model is unavailable (one sentence after ⚠), else `ready`."""
+    def model_status():
+        problem = holder.unavailable()
+        return f"⚠ {problem}" if problem else ready
+    demo.load(model_status, None, status, show_progress="hidden")
+
+
 def selected_result_id(evt: gr.SelectData) -> str:
     """The study id of a clicked results-table row (its second column)."""
     row = evt.row_value or []

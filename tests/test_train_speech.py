@@ -65,35 +65,31 @@ def test_loss_is_contrastive_plus_distillation(model, clips, tmp_path):
     assert torch.allclose(logs["distill"], expected_distill, atol=1e-5)
 
 
+def parameters_moved_by_one_step(model, clips, cache_dir) -> set[str]:
+    """Names of the parameters that one optimiser step of the training loss changes."""
+    cache = WhisperPrefixCache(model, cache_dir)
+    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
+    ct = F.normalize(torch.randn(3, 16), dim=-1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = make_optimizer_factory(model, SpeechTrainConfig(lr=1e-3))()
+    loss, _ = SpeechStep(model, 10.0, 1.0)(batch, ct, ct)
+    loss.backward()
+    optimizer.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
 def test_only_the_top_is_trained(clips, tmp_path):
     """Two trainable Whisper layers (the paper's recipe, mean pooling): layers 2-3 and the head move, 0-1 do not."""
     from dataclasses import replace
 
     config = replace(SpeechEncoderConfig.demo(latent_dim=16), trainable_layers=2, pooling="mean")
-    model = SpeechEncoder.from_whisper(config, seed=0)
-    cache = WhisperPrefixCache(model, tmp_path)
-    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
-    ct = F.normalize(torch.randn(3, 16), dim=-1)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer_factory(model, SpeechTrainConfig(lr=1e-3))()
-    loss, _ = SpeechStep(model, 10.0, 1.0)(batch, ct, ct)
-    loss.backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = parameters_moved_by_one_step(SpeechEncoder.from_whisper(config, seed=0), clips, tmp_path)
     assert "to_latent.weight" in changed and any(n.startswith("whisper.layers.3.") for n in changed)
     assert not any(n.startswith(("whisper.layers.0.", "whisper.layers.1.", "whisper.conv")) for n in changed)
 
 
 def test_demo_trains_the_attention_pooling_and_head_only(model, clips, tmp_path):
-    cache = WhisperPrefixCache(model, tmp_path)
-    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
-    ct = F.normalize(torch.randn(3, 16), dim=-1)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer_factory(model, SpeechTrainConfig(lr=1e-3))()
-    loss, _ = SpeechStep(model, 10.0, 1.0)(batch, ct, ct)
-    loss.backward()
-    optimizer.step()
-    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = {n.split(".")[0] for n in parameters_moved_by_one_step(model, clips, tmp_path)}
     assert changed == {"pool_queries", "pool_attention", "to_latent"}
 
 
