@@ -65,6 +65,52 @@ def test_loss_is_contrastive_plus_distillation(model, clips, tmp_path):
     assert torch.allclose(logs["distill"], expected_distill, atol=1e-5)
 
 
+def test_a_spoken_prompt_row_is_distilled_but_never_a_contrastive_candidate(model, clips, tmp_path):
+    """Rows 0 and 2 are studies, row 1 a spoken prompt (no CT): the contrastive term is the 2 x 2 InfoNCE of rows 0
+    and 2 alone, whatever row 1's CT latent holds; the distillation averages all three rows."""
+    cache = WhisperPrefixCache(model, tmp_path)
+    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
+    ct = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    text = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    paired = torch.tensor([True, False, True])
+    step = SpeechStep(model, 10.0, 0.5)
+    with torch.no_grad():
+        audio = step.audio_latents(batch)
+        loss, logs = step(batch, ct, text, paired)
+        other_ct = ct.clone()
+        other_ct[1] = -ct[0]                                      # row 1's "CT" must not matter
+        loss_other, _ = step(batch, other_ct, text, paired)
+    keep = [0, 2]
+    expected_contrastive = symmetric_infonce(10.0 * audio[keep] @ ct[keep].T)
+    expected_distill = (1 - (audio * text).sum(-1)).mean()
+    assert torch.allclose(logs["contrastive"], expected_contrastive, atol=1e-5)
+    assert torch.allclose(loss, expected_contrastive + 0.5 * expected_distill, atol=1e-5)
+    assert torch.allclose(loss, loss_other, atol=1e-6)
+    with torch.no_grad():                                         # one study alone: no contrastive term at all
+        lone, lone_logs = step(batch, ct, text, torch.tensor([False, False, True]))
+    assert float(lone_logs["contrastive"]) == 0.0 and torch.allclose(lone, 0.5 * expected_distill, atol=1e-5)
+
+
+def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
+    """36 prompts x 14 Kokoro training voices and x 6 espeak-ng training voices, speeds in [0.9, 1.1]; the
+    evaluation's voice never reads one; a run without distillation (or with --no-spoken-prompts) plans none."""
+    from engine.models.ctclip import all_zero_shot_prompts
+    from training.speech_data import ESPEAK_TRAIN_VOICES, EVAL_VOICES, TRAIN_VOICES
+    from training.train_speech import prompt_training_clips, training_phases
+
+    prompts = all_zero_shot_prompts()
+    kokoro, espeak = prompt_training_clips("kokoro"), prompt_training_clips("espeak")
+    assert len(prompts) == 36 and len(kokoro) == 36 * 14 and len(espeak) == 36 * 6
+    assert [c.text for c in kokoro[:36]] == prompts and {c.voice for c in kokoro} == set(TRAIN_VOICES)
+    assert {c.voice for c in espeak} == set(ESPEAK_TRAIN_VOICES) and {c.engine for c in espeak} == {"espeak"}
+    assert not {c.voice for c in kokoro + espeak} & set(EVAL_VOICES)
+    assert all(0.9 <= c.speed <= 1.1 for c in kokoro + espeak) and len({c.key for c in kokoro + espeak}) == 720
+    for cfg in (SpeechTrainConfig(n_real_studies=0, distill_weight=0.0),
+                SpeechTrainConfig(n_real_studies=0, spoken_prompts=False)):
+        phases = dict(training_phases(cfg, Path("/nonexistent"), progress=False)[2:4])
+        assert phases == {"espeak-ng zero-shot prompts": [], "zero-shot prompts (Kokoro, training)": []}
+
+
 def parameters_moved_by_one_step(model, clips, cache_dir) -> set[str]:
     """Names of the parameters that one optimiser step of the training loss changes."""
     cache = WhisperPrefixCache(model, cache_dir)
@@ -121,11 +167,13 @@ def test_synthesis_only_plans_every_clip_queries_first_and_loads_no_ct_clip(tmp_
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     phases = json.loads(done.stdout.strip().splitlines()[-1])["synthesis"]
-    assert list(phases) == ["espeak-ng train split", "espeak-ng real reports", "train queries", "test queries",
+    assert list(phases) == ["espeak-ng train split", "espeak-ng real reports", "espeak-ng zero-shot prompts",
+                            "zero-shot prompts (Kokoro, training)", "train queries", "test queries",
                             "spoken zero-shot prompts", "espeak-ng test split", "real reports (acceptance test)",
                             "test reports", "real reports (Kokoro, training)", "train reports"]
     counts = {name: phase["clips"] for name, phase in phases.items()}
-    assert counts == {"espeak-ng train split": 3, "espeak-ng real reports": 3, "train queries": 3, "test queries": 2,
+    assert counts == {"espeak-ng train split": 3, "espeak-ng real reports": 3, "espeak-ng zero-shot prompts": 36 * 6,
+                      "zero-shot prompts (Kokoro, training)": 36 * 14, "train queries": 3, "test queries": 2,
                       "spoken zero-shot prompts": len(all_zero_shot_prompts()), "espeak-ng test split": 4,
                       "real reports (acceptance test)": 6, "test reports": 2, "real reports (Kokoro, training)": 3,
                       "train reports": 3}
@@ -205,7 +253,8 @@ def test_real_report_items_pair_the_spoken_report_with_its_phantom_and_its_text(
     from training.train_speech import ctclip_pipeline, training_data
 
     reports = load_real_reports()
-    cfg = SpeechTrainConfig(n_studies=2, n_real_studies=3, real_grid_zyx=TINY_GRID_ZYX, synthesis_budget_cpu_s=0.0)
+    cfg = SpeechTrainConfig(n_studies=2, n_real_studies=3, real_grid_zyx=TINY_GRID_ZYX, synthesis_budget_cpu_s=0.0,
+                            spoken_prompts=False)
     pipeline = ctclip_pipeline()
     data = training_data(cfg, tmp_path, pipeline, progress=False)
     assert data["synthesis"]["kokoro"]["made"] == 0 and data["synthesis"]["espeak-ng real reports"]["made"] == 3

@@ -99,3 +99,30 @@ def test_location_map_lies_on_the_radiograph(run):
     heat, score = pipeline.location_map(film, "Cardiomegaly")
     assert heat.shape == film.image.shape and 0.0 <= heat.min() and heat.max() <= 1.0 + 1e-6
     assert np.isfinite(score)
+
+
+def test_a_larger_plan_extends_the_cache_and_equals_a_fresh_build(run, tmp_path):
+    """n_train 4 -> 6 renders only studies 4 and 5: the first four are kept byte for byte, the report latents are
+    remade for all six, and the result equals a cache built at 6 from nothing."""
+    from dataclasses import replace
+
+    from training.train_x2ct import load_ctclip, X2CTTrainConfig
+    from training.x2ct_data import DRRPlan, build_split
+
+    out, _ = run
+    pipeline = load_ctclip(X2CTTrainConfig())
+    small = out / "cache" / "train"
+    before = np.load(small / "drrs.npy")
+    plan = replace(DRRPlan(**json.loads((small / "meta.json").read_text())["plan"]), n_studies=6)
+    extended = build_split(tmp_path / "extended", DRRPlan(**{**plan.__dict__, "n_studies": 4}), pipeline)
+    first_four = np.load(extended / "drrs.npy").copy()
+    build_split(extended, plan, pipeline)
+    fresh = build_split(tmp_path / "fresh", plan, pipeline)
+    grown = np.load(extended / "drrs.npy")
+    assert grown.shape[0] == 6 and np.array_equal(grown[:4], first_four) and np.array_equal(first_four, before)
+    assert np.array_equal(grown, np.load(fresh / "drrs.npy"))
+    for name in ("ct", "report"):
+        grown_latents = np.load(next(extended.glob("latents-*.npz")))[name]
+        assert grown_latents.shape[0] == 6
+        assert np.allclose(grown_latents, np.load(next(fresh.glob("latents-*.npz")))[name], atol=1e-5)
+    assert json.loads((extended / "studies.json").read_text()) == json.loads((fresh / "studies.json").read_text())

@@ -248,6 +248,8 @@ def _speech(args) -> int:
                  if v is not None}
     if args.no_distill:
         overrides["distill_weight"] = 0.0
+    if args.no_spoken_prompts:
+        overrides["spoken_prompts"] = False
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.synthesis_budget_min is not None:
@@ -350,6 +352,9 @@ def _add_speech_parsers(sub) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--distill-weight", type=float, help="lambda of (1 - cos(audio, text teacher)); default 1.0")
     s.add_argument("--no-distill", action="store_true", help="the ablation: contrastive audio <-> CT only")
+    s.add_argument("--no-spoken-prompts", action="store_true",
+                   help="demo: leave out the 36 zero-shot prompts read by the training voices (distillation-only "
+                   "clips; the shipped model before they existed was trained without them)")
     s.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
     s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
     s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")

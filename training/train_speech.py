@@ -61,6 +61,9 @@ class SpeechTrainConfig:
     n_real_studies: int = 800
     real_grid_zyx: tuple = DEMO_SHAPE_ZYX  # their phantoms' grid over the demo field of view (the CT CLIP's own:
     #                                        its training cache is reused; a smaller grid for cheap tests)
+    # the 36 zero-shot prompts read by every training voice (Kokoro and espeak-ng), trained by distillation alone
+    # (a prompt has no CT): spoken zero-shot asks exactly these sentences of the encoder, in unseen voices
+    spoken_prompts: bool = True
     lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0, "pool": 1.0})
     cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
@@ -139,11 +142,13 @@ class WhisperPrefixCache:
 
 @dataclass
 class SpeechItem:
-    """One training pair: a clip (by key) with the frozen teachers' latents of its study and its text."""
+    """One training pair: a clip (by key) with the frozen teachers' latents of its study and its text. paired False:
+    a clip with no study (a spoken zero-shot prompt; study -1, ct_latent zeros): distillation only."""
     key: str
     study: int
     ct_latent: np.ndarray
     text_latent: np.ndarray
+    paired: bool = True
 
 
 class CachedWindows:
@@ -158,7 +163,7 @@ class CachedWindows:
 
 
 class SpeechPairs(torch.utils.data.Dataset):
-    """Items -> (windows [(hidden, spoken)], ct latent (D,), text latent (D,)), windows from the prefix cache
+    """Items -> (windows [(hidden, spoken)], ct latent (D,), text latent (D,), paired), windows from the prefix cache
     (`windows`: a dict, or CachedWindows)."""
 
     def __init__(self, items: list[SpeechItem], windows):
@@ -169,12 +174,18 @@ class SpeechPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.items[i]
-        return (self.windows[item.key], torch.from_numpy(item.ct_latent), torch.from_numpy(item.text_latent))
+        return (self.windows[item.key], torch.from_numpy(item.ct_latent), torch.from_numpy(item.text_latent),
+                item.paired)
 
 
 def collate(batch):
-    windows, ct, text = zip(*batch)
-    return list(windows), torch.stack(ct), torch.stack(text)
+    windows, ct, text, paired = zip(*batch)
+    return list(windows), torch.stack(ct), torch.stack(text), torch.tensor(paired, dtype=torch.bool)
+
+
+def batch_inputs(device):
+    """The loop's `inputs`: a collated batch -> SpeechStep's arguments on `device`."""
+    return lambda batch: ((batch[0], batch[1].to(device), batch[2].to(device), batch[3].to(device)), {})
 
 
 # ------------------------------------------------------------------------------------------------------ the step
@@ -199,9 +210,15 @@ class SpeechStep(nn.Module):
             latents.append(self.model.average(torch.stack(per_window)))
         return torch.stack(latents)
 
-    def forward(self, clips, ct_latents: torch.Tensor, text_latents: torch.Tensor):
+    def forward(self, clips, ct_latents: torch.Tensor, text_latents: torch.Tensor, paired: torch.Tensor | None = None):
+        """paired (B,) bool: rows with a study. The contrastive term runs over those rows only (a spoken prompt has
+        no CT), the distillation over every row."""
         audio = self.audio_latents(clips)
-        contrastive = symmetric_infonce(self.logit_scale * audio @ ct_latents.t())
+        paired = torch.ones(len(audio), dtype=torch.bool, device=audio.device) if paired is None else paired
+        if int(paired.sum()) >= 2:
+            contrastive = symmetric_infonce(self.logit_scale * audio[paired] @ ct_latents[paired].t())
+        else:
+            contrastive = audio.new_zeros(())
         distill = (1.0 - (audio * text_latents).sum(-1)).mean()
         loss = contrastive + self.distill_weight * distill
         return loss, {"contrastive": contrastive.detach(), "distill": distill.detach()}
@@ -328,7 +345,9 @@ def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = T
     """What the demo training reads, as [(phase name, clips)] in the order worth making them: espeak-ng first
     (minutes of CPU for hours of speech: cfg.espeak_train_texts of the phantom studies, then the real reports), then
     Kokoro, which train() makes within its budget in this order: the training queries (about 3 s each), the real
-    reports (about 110 s), the phantom reports (about 90 s; espeak-ng reads them all already)."""
+    reports (about 110 s), the phantom reports (about 90 s; espeak-ng reads them all already). The spoken zero-shot
+    prompts (cfg.spoken_prompts; about 2 s each) come before the queries in both engines; none when distillation is
+    off (a prompt trains by distillation alone)."""
     from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES
 
     def read(split, voices, kinds, engine="kokoro"):
@@ -338,17 +357,35 @@ def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = T
                                      workers=workers)
         return [c for (_, k, _), c in zip(texts, clips) if k in kinds]
 
+    def prompts(engine):
+        return prompt_training_clips(engine) if cfg.spoken_prompts and cfg.distill_weight > 0 else []
+
     return [("espeak-ng train split", read("train", ESPEAK_TRAIN_VOICES, cfg.espeak_train_texts, "espeak")),
             ("espeak-ng real reports", read("real", ESPEAK_TRAIN_VOICES, ("real_report",), "espeak")),
+            ("espeak-ng zero-shot prompts", prompts("espeak")),
+            ("zero-shot prompts (Kokoro, training)", prompts("kokoro")),
             ("train queries", read("train", TRAIN_VOICES, set(cfg.texts) & {"query"})),
             ("real reports (Kokoro, training)", read("real", TRAIN_VOICES, ("real_report",))),
             ("train reports", read("train", TRAIN_VOICES, set(cfg.texts) & {"report"}))]
 
 
+def prompt_training_clips(engine: str) -> list:
+    """The 36 zero-shot prompts read by every training voice of `engine` ("kokoro": TRAIN_VOICES, "espeak":
+    ESPEAK_TRAIN_VOICES) at a seeded speed in SPEED_RANGE, voice by voice. The evaluation reads the same prompts
+    with an EVAL_VOICES voice, which no training clip uses."""
+    from engine.models.ctclip import all_zero_shot_prompts
+    from training.speech_data import ESPEAK_TRAIN_VOICES, SPEED_RANGE, TRAIN_VOICES, Clip
+
+    voices = TRAIN_VOICES if engine == "kokoro" else ESPEAK_TRAIN_VOICES
+    rng = np.random.default_rng(4000 if engine == "kokoro" else 4500)
+    return [Clip(text, voice, float(round(rng.uniform(*SPEED_RANGE), 3)), engine)
+            for voice in voices for text in all_zero_shot_prompts()]
+
+
 def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
     them: the espeak-ng training clips (phantom reports, real reports: minutes of CPU for hours of speech), the
-    training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap), the real
+    spoken zero-shot prompts of training (espeak-ng, then Kokoro), the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap), the real
     reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, the real training reports
     read by Kokoro (about 24 h of speech for 794), then the phantom training reports (about 90 s each)."""
     from training.eval_speech import prompt_clips, real_report_clips
@@ -362,6 +399,8 @@ def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = Tr
     test, espeak = by_kind(EVAL_VOICES), by_kind(ESPEAK_VOICES, engine="espeak")
     return [("espeak-ng train split", train["espeak-ng train split"]),
             ("espeak-ng real reports", train["espeak-ng real reports"]),
+            ("espeak-ng zero-shot prompts", train["espeak-ng zero-shot prompts"]),
+            ("zero-shot prompts (Kokoro, training)", train["zero-shot prompts (Kokoro, training)"]),
             ("train queries", train["train queries"]), ("test queries", test.get("query", [])),
             ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
             ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
@@ -408,7 +447,7 @@ def ctclip_pipeline():
 def training_data(cfg: SpeechTrainConfig, cache_root: Path, pipeline, progress: bool = True) -> dict:
     """The demo training set: the clips of training_phases (espeak-ng all made; Kokoro made in phase order within
     cfg.synthesis_budget_cpu_s), each that exists paired with its study's frozen CT latent and its text's frozen
-    text latent (demo_split). {"items", "clips" {key: Clip}, "synthesis" {phase or "kokoro": report},
+    text latent (demo_split), and the spoken prompts that exist, unpaired (prompt_items). {"items", "clips" {key: Clip}, "synthesis" {phase or "kokoro": report},
     "synthesizer"}."""
     from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES, SpeechSynthesizer, synthesize
 
@@ -428,7 +467,21 @@ def training_data(cfg: SpeechTrainConfig, cache_root: Path, pipeline, progress: 
         part = demo_split(cfg, split, cache_root, pipeline, voices, engine=engine, budget_cpu_s=0, progress=False)
         items += [item for item in part["items"] if item.key in wanted]
         clips.update(part["clips"])
+    items += prompt_items(phases, pipeline, synthesizer)
+    clips.update({clip.key: clip for _, phase in phases for clip in phase})
     return {"items": items, "clips": clips, "synthesis": synthesis, "synthesizer": synthesizer}
+
+
+def prompt_items(phases, pipeline, synthesizer) -> list[SpeechItem]:
+    """Unpaired items of the spoken zero-shot prompts that were made: each clip's distillation target is the CT
+    CLIP's latent of its prompt text."""
+    from engine.models.ctclip import all_zero_shot_prompts
+
+    texts = all_zero_shot_prompts()
+    latents = dict(zip(texts, pipeline.embed_texts(texts)))
+    clips = [clip for name, phase in phases if "zero-shot prompts" in name for clip in phase]
+    return [SpeechItem(clip.key, -1, np.zeros_like(latents[clip.text]), latents[clip.text], paired=False)
+            for clip in clips if synthesizer.path(clip).is_file()]
 
 
 def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
@@ -457,9 +510,7 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
     step = SpeechStep(model, float(pipeline.model.logit_scale.detach()), cfg.distill_weight).to(loop.dist.device)
     out_dir = Path(out_dir)
     summary = loop.run(step, make_optimizer_factory(model, cfg), SpeechPairs(data["items"], CachedWindows(prefixes)),
-                       collate=collate,
-                       inputs=lambda batch: ((batch[0], batch[1].to(loop.dist.device), batch[2].to(loop.dist.device)),
-                                             {}),
+                       collate=collate, inputs=batch_inputs(loop.dist.device),
                        on_checkpoint=lambda: model.save_pretrained(out_dir / "model"))
     summary.update({"clips": len(data["items"]), "synthesis": data["synthesis"], "ctclip": pipeline.model_id})
     if loop.dist.main:
@@ -495,5 +546,5 @@ def train_paper(cfg: SpeechTrainConfig, out_dir: Path, resume: bool = False, pro
     windows = {p.stem: prefixes.get(p.stem, lambda p=p: read_audio(p).samples) for p in files}
     step = SpeechStep(model, float(pipeline.model.logit_scale.detach()), cfg.distill_weight).to(loop.dist.device)
     return loop.run(step, make_optimizer_factory(model, cfg), SpeechPairs(items, windows), collate=collate,
-                    inputs=lambda batch: ((batch[0], batch[1].to(loop.dist.device), batch[2].to(loop.dist.device)), {}),
+                    inputs=batch_inputs(loop.dist.device),
                     on_checkpoint=lambda: model.save_pretrained(Path(out_dir) / "model"))

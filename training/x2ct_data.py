@@ -75,10 +75,10 @@ def _phantom_study(job: tuple[dict, int]):
     return record, drr_views(study.volume, plan, seed), study.volume
 
 
-def _ctrate_items(dataset, plan: DRRPlan):
+def _ctrate_items(dataset, plan: DRRPlan, start: int = 0):
     from training.ctrate import load_volume, volume_path
 
-    for i, name in enumerate(dataset.names[: plan.n_studies]):
+    for i, name in enumerate(dataset.names[start: plan.n_studies], start=start):
         volume = load_volume(volume_path(dataset.root, name), dataset.metadata.loc[name])
         record = {"key": name, "labels": [int(v) for v in dataset.label_vector(i)], "report": dataset.text(i)}
         yield record, drr_views(volume, plan, i), volume
@@ -86,13 +86,15 @@ def _ctrate_items(dataset, plan: DRRPlan):
 
 def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=None) -> Path:
     """Write (or complete) the cache of one split; returns its directory. pipeline: the frozen CTClipPipeline whose
-    latents are cached (in eval mode; no gradients). ctrate: a CTRATEDataset for the paper source."""
+    latents are cached (in eval mode; no gradients). ctrate: a CTRATEDataset for the paper source. A cache of the
+    same plan with fewer studies is extended (studies 0..n-1 are the same whatever n is), not rebuilt."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     meta = {"plan": asdict(plan)}
-    have = (root / "meta.json").is_file() and json.loads((root / "meta.json").read_text()) == meta
-    if not (have and (root / "drrs.npy").is_file()):
-        _build_drrs(root, plan, pipeline, workers, ctrate)
+    start = _studies_to_keep(root, plan, pipeline.model_id)
+    if start < plan.n_studies:
+        _build_drrs(root, plan, pipeline, workers, ctrate, start)
+        (root / f"latents-{pipeline.model_id}.npz").unlink(missing_ok=True)
         (root / "meta.json").write_text(json.dumps(meta, indent=1))
     latents = root / f"latents-{pipeline.model_id}.npz"
     if not latents.is_file():
@@ -100,18 +102,37 @@ def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=No
     return root
 
 
-def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate) -> None:
-    """Render every study (phantom workers or CT-RATE reads), keep its DRRs and, while the volume is at hand, its
-    CT latent (written with the report latents by _build_latents)."""
+def _studies_to_keep(root: Path, plan: DRRPlan, model_id: str) -> int:
+    """How many studies of the cache in `root` the plan can keep: all of them when the plan is the cache's; the
+    cache's n when only n_studies grew and the CT latents of this CT CLIP were kept; otherwise 0 (rebuild)."""
+    if not ((root / "meta.json").is_file() and (root / "drrs.npy").is_file()):
+        return 0
+    cached = json.loads((root / "meta.json").read_text())["plan"]
+    if cached == asdict(plan):
+        return plan.n_studies
+    if {**cached, "n_studies": plan.n_studies} == asdict(plan) and cached["n_studies"] < plan.n_studies \
+            and (root / f"ct-latents-{model_id}.npy").is_file():
+        return int(cached["n_studies"])
+    return 0
+
+
+def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate, start: int = 0) -> None:
+    """Render studies start..n-1 (phantom workers or CT-RATE reads), keep their DRRs and, while the volume is at
+    hand, their CT latents (written with the report latents by _build_latents); append them to the first `start`."""
     records, views, ct_latents = [], [], []
+    if start:
+        records = json.loads((root / "studies.json").read_text())[:start]
+        views = list(np.load(root / "drrs.npy")[:start])
+        ct_latents = list(np.load(root / f"ct-latents-{pipeline.model_id}.npy")[:start])
     if plan.source == "phantom":
-        jobs = [(asdict(plan), plan.seed_base + i) for i in range(plan.n_studies)]
+        jobs = [(asdict(plan), plan.seed_base + i) for i in range(start, plan.n_studies)]
         pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         items = pool.imap(_phantom_study, jobs) if pool else map(_phantom_study, jobs)
     else:
-        pool, items = None, _ctrate_items(ctrate, plan)
+        pool, items = None, _ctrate_items(ctrate, plan, start)
     try:
-        for record, drrs, volume in tqdm(items, total=plan.n_studies, desc=f"DRRs ({plan.split})", unit="study"):
+        for record, drrs, volume in tqdm(items, total=plan.n_studies, initial=start, desc=f"DRRs ({plan.split})",
+                                         unit="study"):
             records.append(record)
             views.append(drrs)
             ct_latents.append(pipeline.embed_volume(volume))
