@@ -3,7 +3,11 @@
 Physics (the recipe of shared/notes/reference-implementations.md section 4):
 1. HU -> linear attenuation: mu = MU_WATER_PER_MM * (1 + HU / 1000), clipped at 0 (air and the scanner's padding
    attenuate nothing). MU_WATER_PER_MM = 0.0193 /mm is water at 70 keV (NIST XCOM: 0.193 cm^2/g x 1 g/cm^3), the
-   effective energy of a ~120 kVp chest beam.
+   effective energy of a ~120 kVp chest beam. Metal: a CT file stores every metal at or near the 12-bit ceiling
+   (3071 HU, 4x water), while steel and titanium attenuate some 12-25x water; a radiograph shows their true
+   attenuation (sternal wires stand out over the spine). So voxels from METAL_FLOOR_HU up are taken as METAL_HU, the
+   value the phantom paints metal at before the scanner's clip (engine/phantom/hu.py). Without it, wires over the
+   spine add about 4 % to its optical depth and vanish on the film.
 2. Line integrals along the anteroposterior axis: the volume is (z, y, x) in LPS, so the beam runs along y (array
    axis 1, +y = posterior) and the integral is sum(mu) * spacing_y (mm): a dimensionless optical depth.
 3. Beer-Lambert: the transmitted fraction is exp(-integral); with a finite photon count the detector sees
@@ -43,13 +47,19 @@ from engine.radiograph import Radiograph
 from engine.volume import Volume
 
 MU_WATER_PER_MM = 0.0193          # linear attenuation of water at 70 keV, 1/mm (NIST XCOM)
+METAL_FLOOR_HU = 2500.0           # above any bone or calcium (dense cortex stays under ~2000 HU), under the 3071 HU
+#                                   ceiling so that a metal edge interpolated by resampling still counts as metal
+METAL_HU = 15000.0                # what a metal voxel is taken to be: 16x water (titanium ~12x, steel ~25x at 70 keV)
+DRR_RECIPE = "parallel-70keV-metal15000-p99.5"   # names the recipe in DRR caches (training/x2ct_data.py): a change
+#                                                  of the physics or display rebuilds them
 VIEWS = ("pa", "ap")
 WINDOW_PERCENTILE = 99.5          # the display window's white point: this percentile of the optical depth
 DEFAULT_GAMMA = 1.0               # display gamma on the windowed optical depth (1: linear in log intensity)
 
 
 def attenuation_per_mm(hu: torch.Tensor) -> torch.Tensor:
-    """HU -> linear attenuation coefficient mu (1/mm) at 70 keV, clipped at 0."""
+    """HU -> linear attenuation coefficient mu (1/mm) at 70 keV, clipped at 0; metal (>= METAL_FLOOR_HU) at METAL_HU."""
+    hu = torch.where(hu >= METAL_FLOOR_HU, torch.full_like(hu, METAL_HU), hu)
     return (MU_WATER_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0)
 
 

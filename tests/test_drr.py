@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from engine.drr import (MU_WATER_PER_MM, DRRAugmentation, attenuation_per_mm, optical_depth, project,
+from engine.drr import (METAL_HU, MU_WATER_PER_MM, DRRAugmentation, attenuation_per_mm, optical_depth, project,
                         simulate_radiograph)
 from engine.errors import UserError
 from engine.phantom import HU, phantom_masks, render_phantom
@@ -27,6 +27,33 @@ SEED = 9101
 def test_attenuation_is_water_scaled_and_clipped_at_zero():
     hu = torch.tensor([-1024.0, -1000.0, 0.0, 1000.0])
     assert torch.allclose(attenuation_per_mm(hu), torch.tensor([0.0, 0.0, MU_WATER_PER_MM, 2 * MU_WATER_PER_MM]))
+
+
+def test_metal_at_the_scanner_ceiling_attenuates_as_metal():
+    """A CT file stores metal at <= 3071 HU (4.07x water); the radiograph takes it as METAL_HU (16x water). Bone
+    (2000 HU) is not metal."""
+    hu = torch.tensor([2000.0, 2499.0, 2500.0, 3071.0])
+    expected = MU_WATER_PER_MM * torch.tensor([3.0, 3.499, 16.0, 16.0])
+    assert METAL_HU == 15000.0 and torch.allclose(attenuation_per_mm(hu), expected)
+
+
+def test_a_sternal_wire_over_the_spine_shows_on_the_film():
+    """A wire 2 voxels (12.5 mm) high and 16 wide, one voxel (3.6 mm) deep, at the anterior midline, stored at
+    3071 HU as a CT file stores metal: over the mediastinum and spine it brightens the display by about 0.11 (with
+    the CT's own 3071 HU as the attenuation it was 0.026, and the wires of a sternotomy vanished on the film)."""
+    volume = render_phantom([], SEED, shape_zyx=SHAPE, noise=False)
+    nz, ny, nx = SHAPE
+    front = int(np.flatnonzero(volume.array[nz // 2, :, nx // 2] > 300)[0])   # the sternum's front row
+    wire = np.zeros(SHAPE, bool)
+    wire[nz // 2 - 1: nz // 2 + 1, front, nx // 2 - 8: nx // 2 + 8] = True
+    wired = volume.array.copy()
+    wired[wire] = 3071.0
+    without = simulate_radiograph(volume).image
+    with_wire = simulate_radiograph(Volume(array=wired, spacing=volume.spacing)).image
+    on_wire = project(wire.astype(np.float32), volume.spacing)[0].numpy() > 0.5 * volume.spacing[1]
+    assert on_wire.sum() >= 40
+    assert np.median((with_wire - without)[on_wire]) > 0.08
+    assert np.abs(with_wire - without)[~ndimage.binary_dilation(on_wire, iterations=2)].max() < 0.02
 
 
 def test_line_integral_uses_the_spacing_along_y():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.drr import DRRAugmentation, simulate_radiograph
+from engine.drr import DRR_RECIPE, DRRAugmentation, simulate_radiograph
 from engine.labels import LABELS
 from engine.models.cxr_encoder import prepare_radiograph
 
@@ -45,6 +45,7 @@ class DRRPlan:
     image_size: int = 128
     view: str = "ap"
     seed_base: int = X2CT_TRAIN_SEED_BASE
+    recipe: str = DRR_RECIPE         # engine.drr's physics and display: DRRs of another recipe are rebuilt
 
 
 def phantom_seed_base(split: str) -> int:
