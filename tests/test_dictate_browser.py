@@ -98,7 +98,8 @@ def test_dictating_in_the_browser_ranks_while_speaking(app_url, dictation_wav, t
         _wait(lambda: renewed() and heard[-1] >= length_s + 1.0, 150, "the whole dictation heard")
 
         tab.locator("#dictate-audio .stop-button").click()
-        _wait(lambda: "Final ranking" in status.inner_text(), 90, "the final ranking after Stop")
+        # a hang guard, not a timing: idle it takes seconds; on a CPU shared with a training run it once took > 90 s
+        _wait(lambda: "Final ranking" in status.inner_text(), 240, "the final ranking after Stop")
         final = _wait(lambda: (ids := _result_ids(tab)) and len(ids) == K and ids, 30, "the final table")
         seconds = float(re.search(r"([0-9.]+) s of dictation", status.inner_text()).group(1))
         assert seconds >= heard[-1], (heard, status.inner_text())
