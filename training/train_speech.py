@@ -385,8 +385,8 @@ def prompt_training_clips(engine: str) -> list:
 def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = True) -> list[tuple[str, list]]:
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
     them: the espeak-ng training clips (phantom reports, real reports: minutes of CPU for hours of speech), the
-    spoken zero-shot prompts of training (espeak-ng, then Kokoro), the training queries, the test queries, the 36 spoken zero-shot prompts, the espeak-ng test split (cheap), the real
-    reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, the real training reports
+    spoken zero-shot prompts of training (espeak-ng, then Kokoro), the training queries, the test queries, the 36
+    spoken zero-shot prompts of the evaluation, the espeak-ng test split (cheap), the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, the real training reports
     read by Kokoro (about 24 h of speech for 794), then the phantom training reports (about 90 s each)."""
     from training.eval_speech import prompt_clips, real_report_clips
     from training.speech_data import ESPEAK_VOICES, EVAL_VOICES
@@ -447,8 +447,8 @@ def ctclip_pipeline():
 def training_data(cfg: SpeechTrainConfig, cache_root: Path, pipeline, progress: bool = True) -> dict:
     """The demo training set: the clips of training_phases (espeak-ng all made; Kokoro made in phase order within
     cfg.synthesis_budget_cpu_s), each that exists paired with its study's frozen CT latent and its text's frozen
-    text latent (demo_split), and the spoken prompts that exist, unpaired (prompt_items). {"items", "clips" {key: Clip}, "synthesis" {phase or "kokoro": report},
-    "synthesizer"}."""
+    text latent (demo_split), and the spoken prompts that exist, unpaired (prompt_items). {"items", "clips"
+    {key: Clip}, "synthesis" {phase or "kokoro": report}, "synthesizer"}."""
     from training.speech_data import ESPEAK_TRAIN_VOICES, TRAIN_VOICES, SpeechSynthesizer, synthesize
 
     phases = training_phases(cfg, cache_root, progress=progress)
