@@ -386,8 +386,9 @@ def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = Tr
     """Every clip the demo training and evaluation will ask for, as [(phase name, clips)] in the order worth making
     them: the espeak-ng training clips (phantom reports, real reports: minutes of CPU for hours of speech), the
     spoken zero-shot prompts of training (espeak-ng, then Kokoro), the training queries, the test queries, the 36
-    spoken zero-shot prompts of the evaluation, the espeak-ng test split (cheap), the real reports of the acceptance test (tests/test_speech_real_reports.py), the test reports, the real training reports
-    read by Kokoro (about 24 h of speech for 794), then the phantom training reports (about 90 s each)."""
+    spoken zero-shot prompts of the evaluation, the espeak-ng test split (cheap), the real reports of the acceptance
+    test (tests/test_speech_real_reports.py), the test reports, the real training reports read by Kokoro (about 24 h
+    of speech for 794), then the phantom training reports (about 90 s each)."""
     from training.eval_speech import prompt_clips, real_report_clips
     from training.speech_data import ESPEAK_VOICES, EVAL_VOICES
 
