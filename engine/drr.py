@@ -50,11 +50,12 @@ MU_WATER_PER_MM = 0.0193          # linear attenuation of water at 70 keV, 1/mm 
 METAL_FLOOR_HU = 2500.0           # above any bone or calcium (dense cortex stays under ~2000 HU), under the 3071 HU
 #                                   ceiling so that a metal edge interpolated by resampling still counts as metal
 METAL_HU = 15000.0                # what a metal voxel is taken to be: 16x water (titanium ~12x, steel ~25x at 70 keV)
-DRR_RECIPE = "parallel-70keV-metal15000-p99.5"   # names the recipe in DRR caches (training/x2ct_data.py): a change
-#                                                  of the physics or display rebuilds them
 VIEWS = ("pa", "ap")
 WINDOW_PERCENTILE = 99.5          # the display window's white point: this percentile of the optical depth
 DEFAULT_GAMMA = 1.0               # display gamma on the windowed optical depth (1: linear in log intensity)
+# names the recipe in DRR caches (training/x2ct_data.py), so a change of these constants rebuilds them; a change of
+# the code's physics must change the name by hand
+DRR_RECIPE = f"parallel-70keV-metal{METAL_HU:g}-p{WINDOW_PERCENTILE:g}"
 
 
 def attenuation_per_mm(hu: torch.Tensor) -> torch.Tensor:

@@ -274,3 +274,20 @@ def test_real_report_items_pair_the_spoken_report_with_its_phantom_and_its_text(
         np.testing.assert_allclose(item.text_latent, texts[row], atol=1e-4)
         similarity = np.array([item.ct_latent @ p for p in phantoms])
         assert similarity[row] > 0.999 and similarity.argmax() == row, similarity
+
+
+def test_prompt_items_are_unpaired_made_clips_distilled_towards_their_prompts_latent(tmp_path):
+    """Two espeak-ng prompt clips, one made: one item, unpaired (study -1, CT zeros), its target the CT CLIP's text
+    latent of that very prompt."""
+    from training.speech_data import SpeechSynthesizer
+    from training.train_speech import ctclip_pipeline, prompt_items, prompt_training_clips
+
+    pipeline = ctclip_pipeline()
+    clips = prompt_training_clips("espeak")[1:3]           # "... is not present." then the next label's "present"
+    synthesizer = SpeechSynthesizer(tmp_path)
+    synthesizer.make(clips[1])
+    items = prompt_items(clips, pipeline, synthesizer)
+    assert [item.key for item in items] == [clips[1].key]
+    item = items[0]
+    assert not item.paired and item.study == -1 and not item.ct_latent.any()
+    assert np.allclose(item.text_latent, pipeline.embed_texts([clips[1].text])[0], atol=1e-4)

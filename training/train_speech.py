@@ -362,11 +362,14 @@ def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = T
 
     return [("espeak-ng train split", read("train", ESPEAK_TRAIN_VOICES, cfg.espeak_train_texts, "espeak")),
             ("espeak-ng real reports", read("real", ESPEAK_TRAIN_VOICES, ("real_report",), "espeak")),
-            ("espeak-ng zero-shot prompts", prompts("espeak")),
-            ("zero-shot prompts (Kokoro, training)", prompts("kokoro")),
+            (PROMPT_PHASES[0], prompts("espeak")),
+            (PROMPT_PHASES[1], prompts("kokoro")),
             ("train queries", read("train", TRAIN_VOICES, set(cfg.texts) & {"query"})),
             ("real reports (Kokoro, training)", read("real", TRAIN_VOICES, ("real_report",))),
             ("train reports", read("train", TRAIN_VOICES, set(cfg.texts) & {"report"}))]
+
+
+PROMPT_PHASES = ("espeak-ng zero-shot prompts", "zero-shot prompts (Kokoro, training)")   # training_phases' names
 
 
 def prompt_training_clips(engine: str) -> list:
@@ -400,8 +403,7 @@ def synthesis_plan(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = Tr
     test, espeak = by_kind(EVAL_VOICES), by_kind(ESPEAK_VOICES, engine="espeak")
     return [("espeak-ng train split", train["espeak-ng train split"]),
             ("espeak-ng real reports", train["espeak-ng real reports"]),
-            ("espeak-ng zero-shot prompts", train["espeak-ng zero-shot prompts"]),
-            ("zero-shot prompts (Kokoro, training)", train["zero-shot prompts (Kokoro, training)"]),
+            *[(name, train[name]) for name in PROMPT_PHASES],
             ("train queries", train["train queries"]), ("test queries", test.get("query", [])),
             ("spoken zero-shot prompts", prompt_clips(EVAL_VOICES[0])),
             ("espeak-ng test split", [c for kind in cfg.texts for c in espeak[kind]]),
@@ -468,19 +470,19 @@ def training_data(cfg: SpeechTrainConfig, cache_root: Path, pipeline, progress: 
         part = demo_split(cfg, split, cache_root, pipeline, voices, engine=engine, budget_cpu_s=0, progress=False)
         items += [item for item in part["items"] if item.key in wanted]
         clips.update(part["clips"])
-    items += prompt_items(phases, pipeline, synthesizer)
-    clips.update({clip.key: clip for _, phase in phases for clip in phase})
+    prompts = [clip for name, phase in phases if name in PROMPT_PHASES for clip in phase]
+    items += prompt_items(prompts, pipeline, synthesizer)
+    clips.update({clip.key: clip for clip in prompts})
     return {"items": items, "clips": clips, "synthesis": synthesis, "synthesizer": synthesizer}
 
 
-def prompt_items(phases, pipeline, synthesizer) -> list[SpeechItem]:
-    """Unpaired items of the spoken zero-shot prompts that were made: each clip's distillation target is the CT
-    CLIP's latent of its prompt text."""
+def prompt_items(clips, pipeline, synthesizer) -> list[SpeechItem]:
+    """Unpaired items of the spoken zero-shot prompt `clips` that were made: each clip's distillation target is the
+    CT CLIP's latent of its prompt text (pipeline.prompt_latents, in all_zero_shot_prompts() order)."""
     from engine.models.ctclip import all_zero_shot_prompts
 
-    texts = all_zero_shot_prompts()
-    latents = dict(zip(texts, pipeline.embed_texts(texts)))
-    clips = [clip for name, phase in phases if "zero-shot prompts" in name for clip in phase]
+    prompt_latents = pipeline.prompt_latents.reshape(-1, pipeline.prompt_latents.shape[-1])
+    latents = dict(zip(all_zero_shot_prompts(), prompt_latents))
     return [SpeechItem(clip.key, -1, np.zeros_like(latents[clip.text]), latents[clip.text], paired=False)
             for clip in clips if synthesizer.path(clip).is_file()]
 

@@ -91,13 +91,12 @@ def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=No
     same plan with fewer studies is extended (studies 0..n-1 are the same whatever n is), not rebuilt."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    meta = {"plan": asdict(plan)}
+    latents = root / f"latents-{pipeline.model_id}.npz"
     start = _studies_to_keep(root, plan, pipeline.model_id)
     if start < plan.n_studies:
         _build_drrs(root, plan, pipeline, workers, ctrate, start)
-        (root / f"latents-{pipeline.model_id}.npz").unlink(missing_ok=True)
-        (root / "meta.json").write_text(json.dumps(meta, indent=1))
-    latents = root / f"latents-{pipeline.model_id}.npz"
+        latents.unlink(missing_ok=True)                 # the report latents cover every study: remade below
+        (root / "meta.json").write_text(json.dumps({"plan": asdict(plan)}, indent=1))
     if not latents.is_file():
         _build_latents(root, plan, pipeline, ctrate)
     return root
