@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_cxr_config
-from training.eval_generate import SLICES_PER_PLANE, fid, fid_2_5d, plane_slices, slice_features
+from training.eval_generate import SLICES_PER_PLANE, degraded, fid, fid_2_5d, plane_slices, slice_features
 
 
 def test_fid_of_a_shifted_copy_is_the_squared_shift():
@@ -49,3 +49,22 @@ def test_slice_features_and_fid_2_5d_separate_a_different_anatomy():
     near = fid_2_5d(same[:2], same[2:], encoder)["mean"]
     far = fid_2_5d(same[:2], other[:2], encoder)["mean"]
     assert far > 3 * near
+
+
+def test_degradations_keep_the_grid_and_remove_what_a_hand_count_says():
+    z, y, x = np.mgrid[:8, :16, :16]
+    checker = np.where((z + y + x) % 2 == 0, 100.0, -100.0).astype(np.float32)   # +-100 HU, one voxel period
+    flat = np.full((8, 16, 16), -850.0, dtype=np.float32)
+    for kind, amount in (("gaussian", 0.7), ("average", 2), ("average", 4)):
+        assert degraded(checker, kind, amount).shape == checker.shape
+        assert np.allclose(degraded(flat, kind, amount), -850.0, atol=1e-3)     # nothing to blur in a flat lung
+    # every 2 x 2 x 2 block of the checkerboard holds four +100 and four -100: its mean, and so the upsampling, is 0
+    assert np.abs(degraded(checker, "average", 2)).max() < 1e-3
+    # a Gaussian of SD 0.7 voxel passes exp(-pi^2 0.7^2 / 2) = 0.089 of the Nyquist frequency per axis: 0.089^3 of
+    # 100 HU is 0.07 HU in the interior (the sampled kernel passes a little more; the edges reflect)
+    assert np.abs(degraded(checker, "gaussian", 0.7)[2:-2, 2:-2, 2:-2]).max() < 1.0
+    # a step edge keeps its two plateaus away from the edge and gains a ramp across it
+    step = np.where(x < 8, -1000.0, 0.0).astype(np.float32)
+    blurred = degraded(step, "average", 4)
+    assert blurred[0, 0, 0] == pytest.approx(-1000.0) and blurred[0, 0, -1] == pytest.approx(0.0)
+    assert -1000.0 < blurred[0, 0, 7] < 0.0
