@@ -71,6 +71,9 @@ def test_feature_grid_is_the_ct_vit_token_grid_on_a_phantom():
     # the fast preset's features are the same numbers as the full set's columns of the same name
     shared = feature_names(TokenFeatureConfig.fast())
     np.testing.assert_allclose(fast, features[..., [column(n) for n in shared]], rtol=1e-5, atol=1e-3)
+    # the per-scale maps on two threads are the very same numbers, in the same columns, as on one
+    assert np.array_equal(token_features(hu, DEMO_SPACING_XYZ, workers=2), token_features(hu, DEMO_SPACING_XYZ,
+                                                                                            workers=1))
 
 
 def test_a_grid_that_is_not_whole_tokens_is_a_user_error():
