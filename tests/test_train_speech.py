@@ -91,6 +91,29 @@ def test_a_spoken_prompt_row_is_distilled_but_never_a_contrastive_candidate(mode
     assert float(lone_logs["contrastive"]) == 0.0 and torch.allclose(lone, 0.5 * expected_distill, atol=1e-5)
 
 
+def test_a_spoken_prompt_row_must_pick_its_own_prompt_out_of_the_prompt_table(model, clips, tmp_path):
+    """The prompt term: each row without a study is scored against the 4 prompt latents by cross-entropy at the CT
+    CLIP's scale, its target the prompt whose text latent it carries (row 1: prompt 2, row 2: prompt 0); the study
+    row 0 does not enter it. Worked as -log softmax by hand."""
+    cache = WhisperPrefixCache(model, tmp_path)
+    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
+    table = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    study_text = F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(3)), dim=-1)
+    text = torch.stack([study_text, table[2], table[0]])
+    ct = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    paired = torch.tensor([True, False, False])
+    step = SpeechStep(model, 10.0, 0.5, prompt_latents=table, prompt_contrast_weight=2.0)
+    with torch.no_grad():
+        audio = step.audio_latents(batch)
+        loss, logs = step(batch, ct, text, paired)
+        without, _ = SpeechStep(model, 10.0, 0.5)(batch, ct, text, paired)
+    logits = 10.0 * audio[1:] @ table.T
+    expected = ((torch.logsumexp(logits[0], 0) - logits[0, 2]) + (torch.logsumexp(logits[1], 0) - logits[1, 0])) / 2
+    assert torch.allclose(logs["prompt_contrast"], expected, atol=1e-5)
+    assert torch.allclose(loss, without + 2.0 * expected, atol=1e-5)
+    assert "prompt_latents" not in step.state_dict()           # frozen data: checkpoints of older runs still resume
+
+
 def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
     """36 prompts x 14 Kokoro training voices and x 6 espeak-ng training voices, speeds in [0.9, 1.1]; the
     evaluation's voice never reads one; a run without distillation (or with --no-spoken-prompts) plans none."""

@@ -244,7 +244,8 @@ def _speech(args) -> int:
                                    "n_studies": args.studies, "n_test_studies": args.test_studies,
                                    "n_real_studies": args.real_studies,
                                    "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
-                                   "reports_csv": args.reports_csv, "cpu_threads": args.threads}.items()
+                                   "reports_csv": args.reports_csv, "cpu_threads": args.threads,
+                                   "prompt_contrast_weight": args.prompt_contrast_weight}.items()
                  if v is not None}
     if args.no_distill:
         overrides["distill_weight"] = 0.0
@@ -355,6 +356,9 @@ def _add_speech_parsers(sub) -> None:
     s.add_argument("--no-spoken-prompts", action="store_true",
                    help="demo: leave out the 36 zero-shot prompts read by the training voices (distillation-only "
                    "clips; the shipped model before they existed was trained without them)")
+    s.add_argument("--prompt-contrast-weight", type=float,
+                   help="demo: weight of the spoken prompts' cross-entropy over the 36 prompt latents (default 1.0; "
+                   "0 = distillation alone, as the model shipped before it)")
     s.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
     s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
     s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")
