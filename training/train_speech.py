@@ -235,7 +235,8 @@ class SpeechStep(nn.Module):
         prompts = ~paired
         if self.prompt_contrast_weight > 0 and bool(prompts.any()):
             target = (text_latents[prompts] @ self.prompt_latents.t()).argmax(-1)
-            prompt_contrast = nn.functional.cross_entropy(self.logit_scale * audio[prompts] @ self.prompt_latents.t(), target)
+            logits = self.logit_scale * audio[prompts] @ self.prompt_latents.t()
+            prompt_contrast = nn.functional.cross_entropy(logits, target)
         else:
             prompt_contrast = audio.new_zeros(())
         loss = contrastive + self.distill_weight * distill + self.prompt_contrast_weight * prompt_contrast
