@@ -45,9 +45,10 @@ def spoken_reports():
         pytest.skip(str(err))
 
 
-# Measured on the shipped encoder (2026-11-30, trained with 794 real reports, these six held out): the top 10 share
-# [1.4 1.9 2.2 1.4 1.0 0.8] labels against a random 10's [0.51 0.61 0.9 0.92 0.55 0.6], 6 of 6 above chance, p = 0.016.
-# The encoder trained without real reports got 3 of 6 (p = 0.156) and failed here.
+# Measured on the shipped encoder (2026-12-01, 794 real reports and the prompt term, these six held out): the top 10
+# share [1.6 1.1 2.3 0.8 0.8 1.0] labels against a random 10's [0.51 0.61 0.9 0.92 0.55 0.6], 5 of 6 above chance,
+# p = 0.031 (the encoder before the prompt term: 6 of 6, p = 0.016; the one trained without real reports: 3 of 6,
+# p = 0.156, and it failed here).
 def test_real_reports_read_by_unseen_voices_retrieve_their_findings(spoken_reports, tmp_path):
     from engine.audio import read_audio
     from engine.pipelines.speech import SpeechPipeline
