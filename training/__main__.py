@@ -7,6 +7,7 @@
     python -m training ctclip-export [--run runs/ctclip-demo] [--out assets/ctclip]
     python -m training ctclip-ood --checkpoint assets/ctclip [--cache DIR] [--n-fit N] [--n-calibrate M] [--n-test T]
                                   [--quantile Q] [--workers W]      (after ctclip-eval: it merges into metrics.json)
+    python -m training ctclip-text-reading --checkpoint assets/ctclip [--cache DIR] [--n-test N]   (after ctclip-eval)
     python -m training ctclip-eval --checkpoint assets/ctclip [--cache DIR] [--out FILE] [--n-test N]
     python -m training vae --preset demo|paper [--steps N] [--time-budget-min M] [--out DIR] [--resume]
     python -m training ldm --preset demo|paper [--vae DIR] [--steps N] [--time-budget-min M] [--out DIR] [--resume]
@@ -81,6 +82,14 @@ def _ctclip_ood(args) -> int:
                     n_test=args.n_test, quantile=args.quantile, workers=args.workers)
     print(json.dumps({k: block[k] for k in ("threshold", "calibration_flag_rate", "test", "real_ct_flagged")
                       if k in block}))
+    return 0
+
+
+def _ctclip_text_reading(args) -> int:
+    from training.ctclip_text_reading import fit_text_reading
+    block = fit_text_reading(Path(args.checkpoint), cache_root=args.cache, n_test=args.n_test)
+    print(json.dumps({name: {k: v for k, v in block[name].items() if k != "per_label_auroc"}
+                      for name in ("image_rule", "pair_logit_platt", "reader")}))
     return 0
 
 
@@ -251,6 +260,8 @@ def _speech(args) -> int:
         overrides["distill_weight"] = 0.0
     if args.no_spoken_prompts:
         overrides["spoken_prompts"] = False
+    if args.blended_prompt_voices:
+        overrides["blended_prompt_voices"] = True
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
     if args.synthesis_budget_min is not None:
@@ -337,6 +348,13 @@ def _add_ctclip_parsers(sub) -> None:
     o.add_argument("--quantile", type=float, default=0.99, help="threshold = this quantile of the held-out distances")
     o.add_argument("--workers", type=int, default=2, help="phantom rendering processes")
     o.set_defaults(func=_ctclip_ood)
+    r = sub.add_parser("ctclip-text-reading", help="fit a CT CLIP checkpoint's reader of text and speech latents "
+                       "(what a report states) on the training reports and measure it on the held-out ones")
+    r.add_argument("--checkpoint", default=str(settings.ASSETS / "ctclip"))
+    r.add_argument("--cache", help="phantom cache directory (default cache/ctclip-demo: train/ is fitted on, test/ "
+                   "measured on)")
+    r.add_argument("--n-test", type=int, default=320, help="held-out test studies whose reports are measured")
+    r.set_defaults(func=_ctclip_text_reading)
     x = sub.add_parser("ctclip-export", help="copy a run's model to assets/ctclip (float16)")
     x.add_argument("--run", default=str(settings.training_runs_dir() / "ctclip-demo"))
     x.add_argument("--out", default=str(settings.ASSETS / "ctclip"))
@@ -359,6 +377,9 @@ def _add_speech_parsers(sub) -> None:
     s.add_argument("--prompt-contrast-weight", type=float,
                    help="demo: weight of the spoken prompts' cross-entropy over the 36 prompt latents (default 1.0; "
                    "0 = distillation alone, as the model shipped before it)")
+    s.add_argument("--blended-prompt-voices", action="store_true",
+                   help="demo: the zero-shot prompts also read by 14 blends of two training voices (new speakers, "
+                   "no evaluation voice; about 4 CPU minutes of Kokoro)")
     s.add_argument("--time-budget-min", type=float, help="stop training after this many minutes")
     s.add_argument("--synthesis-budget-min", type=float, help="demo: CPU minutes for new Kokoro clips (default 60)")
     s.add_argument("--studies", type=int, help="demo: training phantom studies (default 400)")

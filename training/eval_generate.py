@@ -181,14 +181,15 @@ def generate_readings(pipeline, reports: list[str], guidance: float, steps: int 
 
 
 def reconstructions(pipeline, volumes: list[Volume]) -> Reading:
-    """Real phantoms through the autoencoder (encode -> decode) and read: the latent space's ceiling."""
+    """Real phantoms through the autoencoder (encode as the U-Net's training latents were, decode as a generation
+    is: GeneratePipeline.decode) and read: the latent space's ceiling."""
     from engine.models.vae import hu_to_unit
 
     reading = Reading()
     for volume in tqdm(volumes, desc="autoencoder", unit="volume"):
         with torch.inference_mode():
             latent = pipeline.vae.encode(hu_to_unit(torch.from_numpy(volume.array))[None, None])
-            unit = pipeline.vae.decode(latent)
+            unit = pipeline.decode(latent * pipeline.config.scale_factor)
         reading.add(pipeline.reader, pipeline.to_volume(unit))
     return reading
 

@@ -11,7 +11,10 @@ EVAL_VOICES (never trained on):
 - the same with the text teacher (the CT CLIP's text tower), the reference row of the paper's table;
 - robustness the paper did not measure: the report clips with background noise at 10 dB SNR (white noise shaped by
   nothing: the worst case for its level), telephone-band audio (300-3400 Hz band-pass, 8 kHz and back), and the
-  reports read by espeak-ng (another synthesiser altogether).
+  reports read by espeak-ng (another synthesiser altogether);
+- what the Dictate tab's bars show ("dictation_reading"): the 18 labels read from the spoken reports' latents by the
+  CT CLIP's text reader against what the reports state (labels marked per report, errors at 0.5, Brier, AUROC),
+  next to their text latents read the same way and to the image rule alone on the spoken latents.
 Written into the checkpoint's metrics.json, with the issue's demo targets ("targets": zero-shot gap, R@10 share of
 the text encoder's). The paper's table (text teacher vs speech without / with distillation) needs a second
 checkpoint trained with --no-distill: `add_comparison` (`speech-eval --compare-no-distill DIR`) writes it into the
@@ -168,6 +171,8 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
         latents = speech_latents(model, synth, [clip for _, clip in pairs])
         metrics[f"speech_{kind}_recall"] = retrieval(latents, studies, ct)
         metrics[f"speech_{kind}_cosine_to_text"] = float(np.mean(np.sum(latents * text, axis=1)))
+        if kind == "report":
+            metrics["dictation_reading"] = dictation_reading(pipeline, latents, text, labels[studies])
         if robustness and kind == "report":
             clips = [clip for _, clip in pairs]
             metrics["noise_10db_report_recall"] = retrieval(
@@ -182,6 +187,24 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     out = Path(out or Path(checkpoint) / "metrics.json")
     out.write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def dictation_reading(pipeline, speech: np.ndarray, text: np.ndarray, labels: np.ndarray) -> dict:
+    """What the Dictate tab's bars show, measured: the 18 labels read from the spoken reports' latents by the CT
+    CLIP's text reader (engine/text_reading.py), next to the same reports' text latents read the same way and the
+    spoken latents read by the image rule alone, each against the labels their reports state."""
+    from training.ctclip_text_reading import reading_measures
+
+    def read(latents, rule):
+        return np.array([[rule(latent)[label] for label in LABELS] for latent in latents])
+
+    def measured(latents, rule):
+        return {k: v for k, v in reading_measures(read(latents, rule), labels).items() if k != "per_label_auroc"}
+
+    return {"n": int(len(labels)), "reader": "text_reading.json" if pipeline.text_reader is not None else None,
+            "speech": measured(speech, pipeline.text_reading_from_latent),
+            "text": measured(text, pipeline.text_reading_from_latent),
+            "speech_image_rule": measured(speech, pipeline.zero_shot_from_latent)}
 
 
 ZERO_SHOT_TARGET_GAP = 0.03     # demo target: speech zero-shot macro AUROC within 0.03 of the text encoder's

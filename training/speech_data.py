@@ -41,6 +41,12 @@ ESPEAK_VOICES = ("en-us+m3", "en-us+f3", "en-gb+m2", "en-gb+f2")   # evaluation 
 # (about 90 s each: 10 h of Kokoro speech for 400 studies, about 10 h of CPU here, against minutes with espeak-ng)
 ESPEAK_TRAIN_VOICES = ("en-us+m1", "en-us+f1", "en-us+m5", "en-gb+m4", "en-gb+f4", "en-gb-scotland+m6")
 SPEED_RANGE = (0.9, 1.1)
+# Blended training voices: the mean of two TRAIN_VOICES' style vectors (Kokoro's voice mixing), a timbre between two
+# training voices and never an evaluation voice. Each voice is paired with the one seven places on in TRAIN_VOICES
+# (women with men, American with British), so 14 new speakers come from the 14 training voices alone.
+BLEND_SEPARATOR = "+"
+BLENDED_TRAIN_VOICES = tuple(f"{a}{BLEND_SEPARATOR}{TRAIN_VOICES[(i + 7) % len(TRAIN_VOICES)]}"
+                             for i, a in enumerate(TRAIN_VOICES))
 ESPEAK_WORDS_PER_MINUTE = 150      # espeak-ng's rate at speed 1.0 (its default 175 is hurried for dictation)
 
 KOKORO_JS = "kokoro-js@1.2.1"
@@ -181,7 +187,11 @@ class SpeechSynthesizer:
             session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
             self._kokoro = Kokoro.from_session(session, str(voices))
         language = "en-gb" if clip.voice.startswith("b") else "en-us"
-        audio, rate = self._kokoro.create(clip.text, voice=clip.voice, speed=clip.speed, lang=language)
+        voice = clip.voice
+        if BLEND_SEPARATOR in voice:     # a blended voice: the mean of its parts' style vectors
+            parts = voice.split(BLEND_SEPARATOR)
+            voice = np.mean([self._kokoro.get_voice_style(part) for part in parts], axis=0).astype(np.float32)
+        audio, rate = self._kokoro.create(clip.text, voice=voice, speed=clip.speed, lang=language)
         return read_audio(np.asarray(audio, dtype=np.float32), rate=rate).samples
 
     @staticmethod

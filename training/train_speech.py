@@ -70,6 +70,9 @@ class SpeechTrainConfig:
     # (a prompt has no CT): spoken zero-shot asks exactly these sentences of the encoder, in unseen voices
     spoken_prompts: bool = True
     prompt_contrast_weight: float = 1.0  # the prompt term of the module docstring (0: distillation alone)
+    # Kokoro's prompts also read by the 14 blended training voices (speech_data.BLENDED_TRAIN_VOICES: two training
+    # voices' style vectors averaged), new speakers for the prompts without any evaluation voice
+    blended_prompt_voices: bool = False
     lr_multipliers: dict = field(default_factory=lambda: {"whisper": 0.1, "to_latent": 1.0, "pool": 1.0})
     cpu_threads: int = 0                 # > 0: torch threads on CPU (1 is far faster on an oversubscribed machine)
     # paper data
@@ -378,7 +381,9 @@ def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = T
         return [c for (_, k, _), c in zip(texts, clips) if k in kinds]
 
     def prompts(engine):
-        return prompt_training_clips(engine) if cfg.spoken_prompts and cfg.distill_weight > 0 else []
+        if not (cfg.spoken_prompts and cfg.distill_weight > 0):
+            return []
+        return prompt_training_clips(engine, blended=cfg.blended_prompt_voices)
 
     return [("espeak-ng train split", read("train", ESPEAK_TRAIN_VOICES, cfg.espeak_train_texts, "espeak")),
             ("espeak-ng real reports", read("real", ESPEAK_TRAIN_VOICES, ("real_report",), "espeak")),
@@ -392,14 +397,15 @@ def training_phases(cfg: SpeechTrainConfig, cache_root: Path, progress: bool = T
 PROMPT_PHASES = ("espeak-ng zero-shot prompts", "zero-shot prompts (Kokoro, training)")   # training_phases' names
 
 
-def prompt_training_clips(engine: str) -> list:
-    """The 36 zero-shot prompts read by every training voice of `engine` ("kokoro": TRAIN_VOICES, "espeak":
-    ESPEAK_TRAIN_VOICES) at a seeded speed in SPEED_RANGE, voice by voice. The evaluation reads the same prompts
-    with an EVAL_VOICES voice, which no training clip uses."""
+def prompt_training_clips(engine: str, blended: bool = False) -> list:
+    """The 36 zero-shot prompts read by every training voice of `engine` ("kokoro": TRAIN_VOICES, then with
+    `blended` the BLENDED_TRAIN_VOICES; "espeak": ESPEAK_TRAIN_VOICES) at a seeded speed in SPEED_RANGE, voice by
+    voice (the blends come last, so the plain voices' clips are the same with or without them). The evaluation
+    reads the same prompts with an EVAL_VOICES voice, which no training clip uses."""
     from engine.models.ctclip import all_zero_shot_prompts
-    from training.speech_data import ESPEAK_TRAIN_VOICES, SPEED_RANGE, TRAIN_VOICES, Clip
+    from training.speech_data import BLENDED_TRAIN_VOICES, ESPEAK_TRAIN_VOICES, SPEED_RANGE, TRAIN_VOICES, Clip
 
-    voices = TRAIN_VOICES if engine == "kokoro" else ESPEAK_TRAIN_VOICES
+    voices = ESPEAK_TRAIN_VOICES if engine == "espeak" else TRAIN_VOICES + (BLENDED_TRAIN_VOICES if blended else ())
     rng = np.random.default_rng(4000 if engine == "kokoro" else 4500)
     return [Clip(text, voice, float(round(rng.uniform(*SPEED_RANGE), 3)), engine)
             for voice in voices for text in all_zero_shot_prompts()]

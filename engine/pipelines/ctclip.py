@@ -120,6 +120,28 @@ class CTClipPipeline:
         return {label: float(p) for label, p in zip(LABELS, probs)}
 
     @cached_property
+    def text_reader(self):
+        """The checkpoint's reader of text and speech latents (engine.text_reading.TextReader), or None when its
+        folder has none (or one fitted for other weights or prompts)."""
+        from engine.models.ctclip import all_zero_shot_prompts
+        from engine.text_reading import TextReader
+
+        return TextReader.load(self.directory, self.model_id, all_zero_shot_prompts())
+
+    def text_reading_from_latent(self, text_latent: np.ndarray) -> dict[str, float]:
+        """P(stated) per label of a report's text latent, or of a speech latent distilled from one: the latent's
+        cosines to the 36 cached prompt latents through the checkpoint's text reader (engine/text_reading.py: the
+        image rule alone marks most labels present on a text latent). Without a reader, the uncalibrated image
+        rule (check `text_reader is None` before presenting it as what the text states)."""
+        from engine.text_reading import prompt_features
+
+        reader = self.text_reader
+        if reader is None:
+            return self.zero_shot_from_latent(text_latent)
+        features = prompt_features(text_latent, self.prompt_latents, float(self.model.logit_scale.detach()))
+        return {label: float(p) for label, p in zip(LABELS, reader.probabilities(features)[0])}
+
+    @cached_property
     def zero_shot_thresholds(self) -> dict[str, float]:
         """Per-label decision thresholds on P(present), chosen on the held-out test split by CT-CLIP's rule (the
         ROC point closest to the top-left corner), from the checkpoint's metrics.json; {} when it has none.

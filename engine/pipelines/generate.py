@@ -142,8 +142,9 @@ class GeneratePipeline:
         self.vae, self.unet = vae.eval(), unet.eval()
         self.encode_text = encode_text
         self.reader = reader
-        # latent voxels per decoder window (network axes); None: decode whole when the latent fits, else 80^3
-        self.decode_window = decode_window
+        # latent voxels per decoder window (network axes); None: the autoencoder's own (the crop it was trained on,
+        # VAEConfig.decode_window_zyx), else decode whole when the latent fits and in 80^3 windows when not
+        self.decode_window = decode_window or vae.config.latent_decode_window
         self.model_id = model_id
 
     @property
@@ -288,7 +289,8 @@ class GeneratePipeline:
     def decode(self, latent: torch.Tensor, control: RunControl | None = None,
                span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """Scaled latent (1, C, ...) -> intensity (1, 1, ...) in the network's axes: whole, or in gaussian-blended
-        sliding windows (MONAI's sliding_window_inference) when the latent is larger than the window."""
+        sliding windows (MONAI's sliding_window_inference) when the latent is larger than the window (always, for
+        an autoencoder trained on crops: its window is the crop)."""
         from monai.inferers import sliding_window_inference
 
         control = control or RunControl()
@@ -324,13 +326,13 @@ class GeneratePipeline:
 
     # ------------------------------------------------------------------------------------------------ reading
     def read(self, volume: Volume, text_latent: np.ndarray) -> dict[str, dict[str, float]] | None:
-        """The CT CLIP's zero-shot reading of the generated volume ("findings") next to the label probabilities
-        of the prompt's own text latent ("asked"); None without a reader. The prompt's reading is only
-        meaningful when the reader is the CT CLIP that made the latent (the demo)."""
+        """The CT CLIP's zero-shot reading of the generated volume ("findings") next to what the prompt states,
+        read from its own text latent by the CT CLIP's text reader ("asked"); None without a reader. The prompt's
+        reading is only meaningful when the reader is the CT CLIP that made the latent (the demo)."""
         if self.reader is None:
             return None
         findings = self.reader.zero_shot(volume)
-        asked = self.reader.zero_shot_from_latent(text_latent) if text_latent.shape[-1] == \
+        asked = self.reader.text_reading_from_latent(text_latent) if text_latent.shape[-1] == \
             self.reader.prompt_latents.shape[-1] else None
         return {"findings": findings, "asked": asked}
 

@@ -92,8 +92,9 @@ class SpeechPipeline:
         return latent
 
     def findings(self, latent: np.ndarray) -> dict[str, float]:
-        """P(present) of the 18 labels read from the speech latent (the CT CLIP's prompt latents and rule)."""
-        return self.ctclip.zero_shot_from_latent(latent)
+        """P(stated) of the 18 labels read from the speech latent against the CT CLIP's cached prompt latents by its
+        text reader (CTClipPipeline.text_reading_from_latent: the speech latent is distilled from the text latent)."""
+        return self.ctclip.text_reading_from_latent(latent)
 
 
 @dataclass
