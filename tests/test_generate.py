@@ -163,11 +163,11 @@ def test_cancel_during_sampling_and_during_windowed_decoding(pipeline):
         windowed.decode(latent, RunControl(cancel=lambda: stop.append(1) or len(stop) > 1))
 
 
-def test_an_autoencoder_trained_on_crops_decodes_in_windows_of_its_crop(pipeline):
-    """A VAE whose config names its training crop (decode_window_zyx, voxels) decodes in gaussian-blended windows of
-    that crop in latent voxels, exactly MONAI's sliding_window_inference at the pipeline's overlap; a window given to
-    the pipeline wins; one without a crop decodes a latent that fits whole (group norms over the whole volume, which
-    differ from the crop's: the outputs differ)."""
+def test_an_autoencoder_that_names_a_decode_window_decodes_in_windows_of_it(pipeline):
+    """A VAE whose config names a decode window (decode_window_zyx, voxels) decodes in gaussian-blended windows of it
+    in latent voxels, exactly MONAI's sliding_window_inference at the pipeline's overlap; a window given to the
+    pipeline wins; one without decodes a latent that fits whole (group norms over the whole volume, which differ from
+    a window's: the outputs differ)."""
     from monai.inferers import sliding_window_inference
 
     from engine.pipelines.generate import DECODE_WINDOW_OVERLAP

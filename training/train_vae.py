@@ -15,7 +15,7 @@ The run's model folder OUT/model (save_pretrained at every checkpoint) is what `
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +124,7 @@ def train_vae(cfg: VAETrainConfig, out_dir: Path, cache_root: Path | None = None
                                   "engine.convert.text2ct (CT-RATE fine-tuning needs a CT-RATE dataset loader)")
     cache = generator_phantom_cache(cfg.n_generated, cfg.n_real, cache_root, progress and loop.dist.main,
                                     cfg.grid_zyx)
-    # the checkpoint says which crop it learned its group-norm statistics on: generation decodes in windows of it
-    vae = CTAutoencoder(replace(cfg.model, decode_window_zyx=tuple(cfg.crop_zyx))).to(loop.dist.device)
+    vae = CTAutoencoder(cfg.model).to(loop.dist.device)
     step = VAEStep(vae, cfg.kl_weight)
 
     def save_model():

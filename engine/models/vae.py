@@ -12,9 +12,9 @@ layout, KL-regularised Gaussian latent):
   MAISI's convolution wraps MONAI's), so the `network` attribute loads that file with no renaming.
 - demo: `monai.networks.nets.AutoencoderKL`, the generic class (`encoder.blocks.1.conv1.conv.weight`), sized for a
   2-core CPU: the decoder's full-resolution layers dominate decoding (../shared/notes/generation-evidence.md).
-The paper's downsamples 4x per axis (three levels = two downsamplings), the demo's 8x (four levels). Long volumes, and
-every volume of an autoencoder trained on crops (decode_window_zyx), decode in sliding windows
-(engine/pipelines/generate.py), which this file does not need to know about.
+The paper's downsamples 4x per axis (three levels = two downsamplings), the demo's 8x (four levels). Long volumes
+(and every volume when the config names decode_window_zyx) decode in sliding windows (engine/pipelines/generate.py),
+which this file does not need to know about.
 """
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ class VAEConfig(ModelConfig):
     num_splits: int = 4
     dim_split: int = 1
     norm_float16: bool = True
-    # Voxels (z, y, x) of the crops the autoencoder was trained on; () = trained on whole volumes (MAISI). Its group
-    # norms then learned a crop's statistics, so decoding runs in gaussian-blended windows of this size
-    # (engine/pipelines/generate.py). Measured on the demo autoencoder (docs/generation.md): its reconstructions of
-    # 40 held-out phantoms read 0.661 macro AUROC decoded in crop-sized windows against 0.584 decoded whole.
+    # Voxels (z, y, x) of gaussian-blended windows to decode in (engine/pipelines/generate.py), e.g. the crop the
+    # autoencoder was trained on, whose group-norm statistics its decoder learned; () = decode whole (the shipped
+    # demo and MAISI). Measured on the demo autoencoder (docs/generation.md): reconstructions of 40 held-out
+    # phantoms read 0.661 macro AUROC decoded in its 32 x 64 x 64 crops against 0.584 whole, but volumes GENERATED
+    # from 40 reports only 0.598 against 0.578 (16-report guidance sweep lower), with grey air and seams: not set.
     decode_window_zyx: tuple[int, ...] = ()
 
     @classmethod

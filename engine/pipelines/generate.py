@@ -142,8 +142,8 @@ class GeneratePipeline:
         self.vae, self.unet = vae.eval(), unet.eval()
         self.encode_text = encode_text
         self.reader = reader
-        # latent voxels per decoder window (network axes); None: the autoencoder's own (the crop it was trained on,
-        # VAEConfig.decode_window_zyx), else decode whole when the latent fits and in 80^3 windows when not
+        # latent voxels per decoder window (network axes); None: the autoencoder's own (VAEConfig.decode_window_zyx)
+        # if it names one, else decode whole when the latent fits and in 80^3 windows when not
         self.decode_window = decode_window or vae.config.latent_decode_window
         self.model_id = model_id
 
@@ -290,7 +290,7 @@ class GeneratePipeline:
                span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """Scaled latent (1, C, ...) -> intensity (1, 1, ...) in the network's axes: whole, or in gaussian-blended
         sliding windows (MONAI's sliding_window_inference) when the latent is larger than the window (always, for
-        an autoencoder trained on crops: its window is the crop)."""
+        an autoencoder whose config names a decode window)."""
         from monai.inferers import sliding_window_inference
 
         control = control or RunControl()
