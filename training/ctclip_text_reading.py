@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engine.labels import LABELS
 from engine.settings import training_cache_dir
@@ -30,11 +31,12 @@ from engine.settings import training_cache_dir
 TEXT_KINDS = ("report", "real_report")   # what a training record says about its whole study (not its query)
 
 
-def cache_texts(cache, kinds=TEXT_KINDS) -> tuple[list[str], np.ndarray, list[str]]:
-    """(texts, labels (n, 18) 0/1, kind of each text) of every finished study of a PhantomCache."""
+def cache_texts(cache, kinds=TEXT_KINDS, n: int | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """(texts, labels (n, 18) 0/1, kind of each text) of the first `n` (default every) finished studies of a
+    PhantomCache."""
     labels = cache.label_matrix()
     texts, rows, kind_of = [], [], []
-    for i, record in enumerate(cache.records):
+    for i, record in enumerate(cache.records[:n]):
         for kind in kinds:
             if record.get(kind):
                 texts.append(record[kind])
@@ -92,7 +94,7 @@ def fit_text_reading(checkpoint: Path, cache_root: Path | None = None, n_test: i
                      progress: bool = True) -> dict:
     """Steps 1-3 of the module docstring. Returns the "text_reading" block merged into CHECKPOINT/metrics.json."""
     from engine.errors import UserError
-    from engine.models.ctclip import all_zero_shot_prompts
+    from engine.models.ctclip import all_zero_shot_prompts, zero_shot_probabilities
     from engine.pipelines.ctclip import CTClipPipeline
     from engine.text_reading import TextReader, fit_text_reader, prompt_features
     from training.ctclip_data import PhantomCache
@@ -107,18 +109,17 @@ def fit_text_reading(checkpoint: Path, cache_root: Path | None = None, n_test: i
                             "--preset demo' (train) and 'python -m training ctclip-eval' (test) first.")
     pipeline = CTClipPipeline.from_pretrained(checkpoint)
     train_texts, train_labels, train_kinds = cache_texts(PhantomCache(cache_root / "train"))
-    test_cache = PhantomCache(cache_root / "test")
-    test_cache.records = test_cache.records[:n_test]
-    test_texts, test_labels, _ = cache_texts(test_cache, kinds=("report",))
+    test_texts, test_labels, _ = cache_texts(PhantomCache(cache_root / "test"), kinds=("report",), n=n_test)
     scale = float(pipeline.model.logit_scale.detach())
 
-    def features(texts, split, desc):
-        latents = text_latents(pipeline, texts, cache_root / f"text_latents_{split}_{pipeline.model_id}.npz",
-                               progress=progress, desc=desc)
-        return prompt_features(latents, pipeline.prompt_latents, scale)
+    def latents(texts, split, desc):
+        return text_latents(pipeline, texts, cache_root / f"text_latents_{split}_{pipeline.model_id}.npz",
+                            progress=progress, desc=desc)
 
-    fit = features(train_texts, "train", "text latents (fit: training reports)")
-    held = features(test_texts, "test", "text latents (held-out reports)")
+    held_latents = latents(test_texts, "test", "text latents (held-out reports)")
+    fit = prompt_features(latents(train_texts, "train", "text latents (fit: training reports)"),
+                          pipeline.prompt_latents, scale)
+    held = prompt_features(held_latents, pipeline.prompt_latents, scale)
     counts = {kind: train_kinds.count(kind) for kind in TEXT_KINDS}
     prompts = all_zero_shot_prompts()
     reader = fit_text_reader(fit, train_labels, prompts, info={
@@ -127,10 +128,11 @@ def fit_text_reading(checkpoint: Path, cache_root: Path | None = None, n_test: i
     if TextReader.load(checkpoint, pipeline.model_id, prompts) is None:
         raise RuntimeError(f"the reader written to {checkpoint} does not load back")
 
-    pair_logits = held[:, 0::2] - held[:, 1::2]          # the image rule's logits, label by label
+    image_rule = zero_shot_probabilities(torch.from_numpy(held_latents), torch.from_numpy(pipeline.prompt_latents),
+                                         scale).numpy()
     block = {"fit_texts": counts, "n_fit": len(train_texts), "test_cache": str(cache_root / "test"),
              "n_held_out_reports": len(test_texts),
-             "image_rule": reading_measures(1 / (1 + np.exp(-pair_logits)), test_labels),
+             "image_rule": reading_measures(image_rule, test_labels),
              "pair_logit_platt": reading_measures(pair_platt(fit, train_labels, held), test_labels),
              "reader": reading_measures(reader.probabilities(held), test_labels),
              "seconds": time.time() - t0}
