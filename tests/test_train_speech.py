@@ -114,6 +114,34 @@ def test_a_spoken_prompt_row_must_pick_its_own_prompt_out_of_the_prompt_table(mo
     assert "prompt_latents" not in step.state_dict()           # frozen data: checkpoints of older runs still resume
 
 
+def test_a_spoken_prompt_row_must_score_the_training_cts_as_its_prompt_text_does(model, clips, tmp_path):
+    """The CT-logit term: each row without a study scores the 5 bank CT latents at the CT CLIP's scale, and its
+    squared error against its text latent's scores is averaged over rows and bank; the study row 0 does not enter
+    it. Worked by hand from the audio latents; a bank equal to the text latent's own direction gives a known value."""
+    from training.train_speech import SpeechItem, ct_bank
+
+    cache = WhisperPrefixCache(model, tmp_path)
+    batch = [cache.get(k, lambda k=k: clips[k]) for k in clips]
+    text = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(4)), dim=-1)
+    ct = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    bank = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    paired = torch.tensor([True, False, False])
+    step = SpeechStep(model, 10.0, 0.5, ct_bank=bank, prompt_ct_logit_weight=3.0)
+    with torch.no_grad():
+        audio = step.audio_latents(batch)
+        loss, logs = step(batch, ct, text, paired)
+        without, _ = SpeechStep(model, 10.0, 0.5)(batch, ct, text, paired)
+    expected = sum(float((10.0 * (audio[r] - text[r]) @ bank[j]) ** 2) for r in (1, 2) for j in range(5)) / 10
+    assert abs(float(logs["prompt_ct_logit"]) - expected) < 1e-3 * max(1.0, expected)
+    assert torch.allclose(loss, without + 3.0 * logs["prompt_ct_logit"], atol=1e-4)
+    assert "ct_bank" not in step.state_dict()                  # frozen data: checkpoints of older runs still resume
+    # the bank is the distinct CT latents of the studies; prompts (unpaired) add nothing
+    a, b = np.eye(4, dtype=np.float32)[:2]
+    items = [SpeechItem("q", 0, a, b), SpeechItem("r", 0, a, a), SpeechItem("s", 1, b, a),
+             SpeechItem("p", -1, np.zeros(4, np.float32), b, paired=False)]
+    assert sorted(map(tuple, ct_bank(items).tolist())) == sorted([tuple(a.tolist()), tuple(b.tolist())])
+
+
 def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
     """36 prompts x 14 Kokoro training voices and x 6 espeak-ng training voices, speeds in [0.9, 1.1]; the
     evaluation's voice never reads one; a run without distillation (or with --no-spoken-prompts) plans none."""

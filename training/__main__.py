@@ -190,7 +190,8 @@ def _add_generator_stages(sub) -> None:
 def _x2ct(args) -> int:
     from training.train_x2ct import X2CTTrainConfig, train
     cfg = X2CTTrainConfig.demo() if args.preset == "demo" else X2CTTrainConfig.paper()
-    names = ("backbone", "steps", "batch_size", "lr", "seed", "alpha", "beta", "gamma", "n_train", "n_test",
+    names = ("backbone", "steps", "batch_size", "lr", "seed", "alpha", "beta", "gamma", "finding_weight", "n_train",
+             "n_test",
              "ctclip", "data_root", "reports_csv", "metadata_csv", "labels_csv")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.time_budget_min is not None:
@@ -226,6 +227,9 @@ def _add_x2ct_parsers(sub) -> None:
     p.add_argument("--alpha", type=float, help="weight of L(CT, report) (default 0; frozen, no gradient)")
     p.add_argument("--beta", type=float, help="weight of L(CXR, report) (default 1; 0 for the ablation)")
     p.add_argument("--gamma", type=float, help="weight of L(CXR, CT) (default 1; 0 for the ablation)")
+    p.add_argument("--finding-weight", type=float,
+                   help="weight of the finding term: BCE of the CT CLIP's zero-shot logits of the CXR latent against "
+                   "the study's labels (default 0, the paper's loss)")
     p.add_argument("--n-train", type=int, help="training studies (demo: phantoms; default 400)")
     p.add_argument("--n-test", type=int, help="held-out test studies (demo: the CT CLIP's test seeds; default 300)")
     p.add_argument("--time-budget-min", type=float, help="stop after this many minutes of training")
@@ -254,7 +258,8 @@ def _speech(args) -> int:
                                    "n_real_studies": args.real_studies,
                                    "audio_dir": args.audio_dir, "ct_latents": args.ct_latents,
                                    "reports_csv": args.reports_csv, "cpu_threads": args.threads,
-                                   "prompt_contrast_weight": args.prompt_contrast_weight}.items()
+                                   "prompt_contrast_weight": args.prompt_contrast_weight,
+                                   "prompt_ct_logit_weight": args.prompt_ct_logit_weight}.items()
                  if v is not None}
     if args.no_distill:
         overrides["distill_weight"] = 0.0
@@ -377,6 +382,9 @@ def _add_speech_parsers(sub) -> None:
     s.add_argument("--prompt-contrast-weight", type=float,
                    help="demo: weight of the spoken prompts' cross-entropy over the 36 prompt latents (default 1.0; "
                    "0 = distillation alone, as the model shipped before it)")
+    s.add_argument("--prompt-ct-logit-weight", type=float,
+                   help="demo: weight of the spoken prompts' squared logit error against the training CT latents "
+                   "(default 0.5; 0 = off, as the model shipped before it)")
     s.add_argument("--blended-prompt-voices", action="store_true",
                    help="demo: the zero-shot prompts also read by 14 blends of two training voices (new speakers, "
                    "no evaluation voice; about 4 CPU minutes of Kokoro)")

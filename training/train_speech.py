@@ -3,12 +3,17 @@
     loss = symmetric InfoNCE(exp(t) * audio_latent @ ct_latent.T)            (audio <-> CT, frozen CT encoder)
          + distill_weight * mean(1 - cos(audio_latent, text_latent))          (frozen text teacher, the same report)
          + prompt_contrast_weight * CE(exp(t) * prompt_audio @ P.T, its prompt) (demo: spoken zero-shot prompts)
+         + prompt_ct_logit_weight * mean((exp(t) * (prompt_audio - prompt_text) @ C.T)^2)  (demo: the same prompts)
 with exp(t) the frozen CT CLIP's logit scale, so the speech latents live on the CT CLIP's own scale and its zero-shot
 rule applies to them unchanged. `--no-distill` (distill_weight 0) is the paper's ablation. The third term is ours:
 P holds the text latents of the 36 zero-shot prompts, and a spoken prompt must be nearer its own prompt's latent
 than any other's, above all its negated twin ("X is present." / "X is not present." lie close in the text space,
 and zero-shot reads only their difference, which the cosine distillation alone leaves to chance: at cosine 0.86 to
-the teacher, the first shipped prompts read 0.815 on 300 test phantoms against the teacher's 0.932).
+the teacher, the first shipped prompts read 0.815 on 300 test phantoms against the teacher's 0.932). The fourth term
+is ours too: C holds the training studies' frozen CT latents, and a spoken prompt must score every one of them as its
+prompt's text latent does (squared logit error): zero-shot reads a CT by exactly those scores, so this term spends
+the head's capacity on the directions that CT latents occupy, where the cosine distillation spreads it over all of
+the latent space (the CE term is met early, about 0.01 after 1,400 steps, and then stops pulling).
 
 What is CT CLIP's here is frozen and cached: the teachers run in eval() once per study / text (their latents are
 stored next to the data under the CT CLIP's model id, so a retrained CT CLIP recomputes them and retraining is the
@@ -70,6 +75,7 @@ class SpeechTrainConfig:
     # (a prompt has no CT): spoken zero-shot asks exactly these sentences of the encoder, in unseen voices
     spoken_prompts: bool = True
     prompt_contrast_weight: float = 1.0  # the prompt term of the module docstring (0: distillation alone)
+    prompt_ct_logit_weight: float = 0.5  # the CT-logit term of the module docstring (0: off, as shipped before it)
     # Kokoro's prompts also read by the 14 blended training voices (speech_data.BLENDED_TRAIN_VOICES: two training
     # voices' style vectors averaged), new speakers for the prompts without any evaluation voice
     blended_prompt_voices: bool = False
@@ -201,16 +207,21 @@ def batch_inputs(device):
 
 class SpeechStep(nn.Module):
     """Loss of one batch from cached prefixes: the trainable Whisper top, pooling, head; frozen targets.
-    `prompt_latents` (P, D): the text latents of the zero-shot prompts, for the prompt term (module docstring)."""
+    `prompt_latents` (P, D): the text latents of the zero-shot prompts, for the prompt term; `ct_bank` (N, D): the
+    training studies' CT latents, for the CT-logit term (module docstring)."""
 
     def __init__(self, model: SpeechEncoder, logit_scale: float, distill_weight: float,
-                 prompt_latents: torch.Tensor | None = None, prompt_contrast_weight: float = 0.0):
+                 prompt_latents: torch.Tensor | None = None, prompt_contrast_weight: float = 0.0,
+                 ct_bank: torch.Tensor | None = None, prompt_ct_logit_weight: float = 0.0):
         super().__init__()
         self.model, self.distill_weight = model, distill_weight
         self.prompt_contrast_weight = prompt_contrast_weight if prompt_latents is not None else 0.0
+        self.prompt_ct_logit_weight = prompt_ct_logit_weight if ct_bank is not None else 0.0
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         table = torch.zeros(0, 1) if prompt_latents is None else torch.as_tensor(prompt_latents, dtype=torch.float32)
         self.register_buffer("prompt_latents", table, persistent=False)   # frozen data, rebuilt each run
+        bank = torch.zeros(0, 1) if ct_bank is None else torch.as_tensor(ct_bank, dtype=torch.float32)
+        self.register_buffer("ct_bank", bank, persistent=False)           # frozen data, rebuilt each run
 
     def audio_latents(self, clips: list[list[tuple[torch.Tensor, int]]]) -> torch.Tensor:
         """(B, latent): per clip, each window from its cached prefix through the top layers, averaged."""
@@ -242,9 +253,15 @@ class SpeechStep(nn.Module):
             prompt_contrast = nn.functional.cross_entropy(logits, target)
         else:
             prompt_contrast = audio.new_zeros(())
-        loss = contrastive + self.distill_weight * distill + self.prompt_contrast_weight * prompt_contrast
+        if self.prompt_ct_logit_weight > 0 and bool(prompts.any()):
+            error = self.logit_scale * (audio[prompts] - text_latents[prompts]) @ self.ct_bank.t()
+            prompt_ct_logit = error.pow(2).mean()
+        else:
+            prompt_ct_logit = audio.new_zeros(())
+        loss = (contrastive + self.distill_weight * distill + self.prompt_contrast_weight * prompt_contrast
+                + self.prompt_ct_logit_weight * prompt_ct_logit)
         return loss, {"contrastive": contrastive.detach(), "distill": distill.detach(),
-                      "prompt_contrast": prompt_contrast.detach()}
+                      "prompt_contrast": prompt_contrast.detach(), "prompt_ct_logit": prompt_ct_logit.detach()}
 
 
 def make_optimizer_factory(model: SpeechEncoder, cfg: SpeechTrainConfig):
@@ -513,6 +530,11 @@ def prompt_items(clips, pipeline, synthesizer) -> list[SpeechItem]:
             for clip in clips if synthesizer.path(clip).is_file()]
 
 
+def ct_bank(items: list[SpeechItem]) -> torch.Tensor:
+    """(N, D): the distinct frozen CT latents of the paired items (the training studies), for the CT-logit term."""
+    return torch.from_numpy(np.unique(np.stack([item.ct_latent for item in items if item.paired]), axis=0))
+
+
 def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
           progress: bool = True) -> dict:
     """Prepare (or reuse) the data and caches, train through training/loop.py, export OUT/model (save_pretrained)."""
@@ -538,7 +560,8 @@ def train(cfg: SpeechTrainConfig, out_dir: Path, cache_root: Path | None = None,
             prefixes.get(item.key, lambda k=item.key: data["synthesizer"].load(data["clips"][k]))
     prompt_table = torch.from_numpy(pipeline.prompt_latents.reshape(-1, pipeline.prompt_latents.shape[-1]))
     step = SpeechStep(model, float(pipeline.model.logit_scale.detach()), cfg.distill_weight, prompt_table,
-                      cfg.prompt_contrast_weight).to(loop.dist.device)
+                      cfg.prompt_contrast_weight, ct_bank(data["items"]), cfg.prompt_ct_logit_weight
+                      ).to(loop.dist.device)
     out_dir = Path(out_dir)
     summary = loop.run(step, make_optimizer_factory(model, cfg), SpeechPairs(data["items"], CachedWindows(prefixes)),
                        collate=collate, inputs=batch_inputs(loop.dist.device),
