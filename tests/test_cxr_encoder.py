@@ -82,3 +82,32 @@ def test_tri_modal_loss_on_a_hand_worked_batch():
     assert abs(float(logs["loss_cxr_ct"]) - one) < 1e-6 and float(logs["batch_acc_cxr_ct"]) == 1.0
     only_ct = TriModalStep(Fixed(), alpha=0.0, beta=0.0, gamma=1.0, tau=tau)(latents, latents, latents.flip(0))[0]
     assert abs(float(only_ct) - one) < 1e-6    # beta = 0 (ablation): the report term is gone
+
+
+def test_finding_term_is_the_bce_of_the_ct_clips_zero_shot_logits():
+    """The finding term on 2 latents and 2 labels, worked by hand: prompt pairs whose present/absent latents differ by
+    e0 and by e1 - e2, scale 10. Latent (1, 0, 0) reads logits 10 and 0 ; latent (0, 0.6, 0.8) reads 0 and -2."""
+    from training.train_x2ct import TriModalStep
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return images
+
+    cxr = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]])
+    pairs = torch.zeros(2, 2, 3)
+    pairs[0, 0, 0] = 1.0                               # label 0: present - absent = e0
+    pairs[1, 0, 1], pairs[1, 1, 2] = 1.0, 1.0          # label 1: present - absent = e1 - e2
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    base = TriModalStep(Fixed(), alpha=0.0, beta=1.0, gamma=1.0, tau=0.07)
+    step = TriModalStep(Fixed(), alpha=0.0, beta=1.0, gamma=1.0, tau=0.07, finding_weight=0.5,
+                        prompt_latents=pairs, logit_scale=10.0)
+    loss, logs = step(cxr, cxr, cxr, labels)
+
+    def bce(logit, y):
+        p = 1 / (1 + math.exp(-logit))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    expected = (bce(10, 1) + bce(0, 0) + bce(0, 0) + bce(-2, 1)) / 4
+    assert abs(float(logs["loss_findings"]) - expected) < 1e-6
+    assert abs(float(loss) - float(base(cxr, cxr, cxr)[0]) - 0.5 * expected) < 1e-6
+    assert "finding_directions" not in step.state_dict()    # frozen data, not saved with the encoder's checkpoint

@@ -229,7 +229,7 @@ def _add_x2ct_parsers(sub) -> None:
     p.add_argument("--gamma", type=float, help="weight of L(CXR, CT) (default 1; 0 for the ablation)")
     p.add_argument("--finding-weight", type=float,
                    help="weight of the finding term: BCE of the CT CLIP's zero-shot logits of the CXR latent against "
-                   "the study's labels (default 0, the paper's loss)")
+                   "the study's labels (demo default 3; paper default 0, the paper's loss)")
     p.add_argument("--n-train", type=int, help="training studies (demo: phantoms; default 400)")
     p.add_argument("--n-test", type=int, help="held-out test studies (demo: the CT CLIP's test seeds; default 300)")
     p.add_argument("--time-budget-min", type=float, help="stop after this many minutes of training")

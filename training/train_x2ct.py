@@ -10,7 +10,12 @@ each the symmetric InfoNCE (engine.models.losses.symmetric_infonce) of cosine lo
 the paper's alpha = 0, beta = gamma = 1. The CT CLIP is frozen in eval mode (its CT-ViT has no EMA codebook update
 in eval) and its CT and report latents are computed once into the cache (training/x2ct_data.py), so with alpha = 0
 only the CXR encoder trains; alpha > 0 is logged but has no gradient (both of its latents are frozen), as in the
-paper where it keeps the CT-report alignment out of the objective. AdamW; training/loop.py runs the rest (torchrun,
+paper where it keeps the CT-report alignment out of the objective.
+
+A fourth term is ours, off by default (`--finding-weight`): delta * BCE(s * cxr @ (P_present - P_absent).T, labels),
+with P the frozen CT CLIP's 18 prompt-pair latents and s its logit scale. That logit is exactly what the CT CLIP's
+zero-shot rule reads from a latent (the pair's softmax is the sigmoid of it), so the term trains the reading the
+evaluation scores, from the study's labels (the phantom's exact ones; CT-RATE's label table with the paper preset). AdamW; training/loop.py runs the rest (torchrun,
 checkpoint/resume, time budget, progress bar); RUN/model is the encoder's save_pretrained folder at each checkpoint.
 """
 from __future__ import annotations
@@ -54,6 +59,7 @@ class X2CTTrainConfig:
     beta: float = 1.0                        # L(CXR, report)
     gamma: float = 1.0                       # L(CXR, CT)
     tau: float = 0.07
+    finding_weight: float = 0.0              # delta of the finding term (module docstring); 0 = the paper's loss
     # data
     ctclip: str = ""                         # CT CLIP checkpoint folder ("" = settings.ctclip_dir())
     n_train: int = 400
@@ -68,7 +74,8 @@ class X2CTTrainConfig:
 
     @classmethod
     def demo(cls) -> "X2CTTrainConfig":
-        return cls()
+        """The paper's loss plus the finding term at weight 3 (measured against 0, 1 and 10: docs/x2ct.md)."""
+        return cls(finding_weight=3.0)
 
     @classmethod
     def paper(cls) -> "X2CTTrainConfig":
@@ -78,13 +85,21 @@ class X2CTTrainConfig:
 
 
 class TriModalStep(nn.Module):
-    """The step module: (DRRs (b, 1, S, S), CT latents (b, D), report latents (b, D)) -> (loss, logs)."""
+    """The step module: (DRRs (b, 1, S, S), CT latents (b, D), report latents (b, D)[, labels (b, L)]) -> (loss,
+    logs). `prompt_latents` (L, 2, D) and `logit_scale`: the frozen CT CLIP's prompt pairs and scale, for the finding
+    term (module docstring; finding_weight 0 leaves it out and the labels may be omitted)."""
 
-    def __init__(self, encoder: CXREncoder, alpha: float, beta: float, gamma: float, tau: float):
+    def __init__(self, encoder: CXREncoder, alpha: float, beta: float, gamma: float, tau: float,
+                 finding_weight: float = 0.0, prompt_latents: torch.Tensor | None = None, logit_scale: float = 1.0):
         super().__init__()
         self.encoder, self.alpha, self.beta, self.gamma, self.tau = encoder, alpha, beta, gamma, tau
+        self.finding_weight = finding_weight if prompt_latents is not None else 0.0
+        pairs = torch.zeros(0, 2, 1) if prompt_latents is None else torch.as_tensor(prompt_latents, dtype=torch.float32)
+        self.register_buffer("finding_directions", pairs[:, 0] - pairs[:, 1], persistent=False)   # frozen data
+        self.logit_scale = float(logit_scale)
 
-    def forward(self, images: torch.Tensor, ct_latent: torch.Tensor, report_latent: torch.Tensor):
+    def forward(self, images: torch.Tensor, ct_latent: torch.Tensor, report_latent: torch.Tensor,
+                labels: torch.Tensor | None = None):
         cxr = self.encoder(images)
         ct, report = F.normalize(ct_latent.float(), dim=-1), F.normalize(report_latent.float(), dim=-1)
         ct_report = symmetric_infonce(ct @ report.t() / self.tau)
@@ -92,9 +107,15 @@ class TriModalStep(nn.Module):
         cxr_ct_logits = cxr @ ct.t() / self.tau
         cxr_ct = symmetric_infonce(cxr_ct_logits)
         loss = self.alpha * ct_report + self.beta * cxr_report + self.gamma * cxr_ct
+        if self.finding_weight > 0:
+            finding_logits = self.logit_scale * cxr @ self.finding_directions.t()
+            findings = F.binary_cross_entropy_with_logits(finding_logits, labels.float())
+            loss = loss + self.finding_weight * findings
+        else:
+            findings = cxr.new_zeros(())
         target = torch.arange(len(cxr), device=cxr.device)
         return loss, {"loss_ct_report": ct_report.detach(), "loss_cxr_report": cxr_report.detach(),
-                      "loss_cxr_ct": cxr_ct.detach(),
+                      "loss_cxr_ct": cxr_ct.detach(), "loss_findings": findings.detach(),
                       "batch_acc_cxr_ct": (cxr_ct_logits.argmax(1) == target).float().mean().detach()}
 
 
@@ -154,7 +175,9 @@ def train(cfg: X2CTTrainConfig, out_dir: Path, cache_root: Path | None = None, r
                           augment=True, seed=cfg.seed)
     if cfg.n_test:
         prepare_split(cfg, "test", pipeline, encoder.config.image_size, cache_root)
-    step = TriModalStep(encoder, cfg.alpha, cfg.beta, cfg.gamma, cfg.tau).to(loop.dist.device)
+    step = TriModalStep(encoder, cfg.alpha, cfg.beta, cfg.gamma, cfg.tau, cfg.finding_weight,
+                        torch.from_numpy(pipeline.prompt_latents), float(pipeline.model.logit_scale.detach())
+                        ).to(loop.dist.device)
 
     def make_optimizer():
         decay = [p for n, p in encoder.named_parameters() if p.ndim >= 2]

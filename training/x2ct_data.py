@@ -181,8 +181,8 @@ class X2CTCache:
 
 
 class X2CTDataset(torch.utils.data.Dataset):
-    """(DRR (1, S, S), CT latent (D,), report latent (D,)); the DRR is one of the study's cached views, drawn from
-    rng([seed, epoch, i]) when `augment`, else the clean view 0."""
+    """(DRR (1, S, S), CT latent (D,), report latent (D,), labels (L,) float 0/1 in engine.labels order); the DRR is
+    one of the study's cached views, drawn from rng([seed, epoch, i]) when `augment`, else the clean view 0."""
 
     def __init__(self, cache: X2CTCache, augment: bool = True, seed: int = 0):
         self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
@@ -194,4 +194,5 @@ class X2CTDataset(torch.utils.data.Dataset):
         view = 0
         if self.augment:
             view = int(np.random.default_rng([self.seed, self.epoch, i]).integers(self.cache.drrs.shape[1]))
-        return self.cache.image(i, view), self.cache.ct_latents[i], self.cache.report_latents[i]
+        return (self.cache.image(i, view), self.cache.ct_latents[i], self.cache.report_latents[i],
+                torch.from_numpy(self.cache.labels[i].astype(np.float32)))
