@@ -719,6 +719,22 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> Report:
     return Report(findings=_findings_text(found, rng), impression=_impression_text(findings, rng))
 
 
+_BRIEF_NORMAL = ("The lungs are clear.", "The lungs are clear. No pleural effusion. Heart size is normal.",
+                 "No focal lung lesion. No pleural or pericardial effusion.", "Normal heart size. Clear lungs.")
+
+
+def write_brief_report(findings: list[Finding], rng: np.random.Generator) -> Report:
+    """A brief report as typed into a prompt box (the Generate tab's examples): each drawn finding in one sentence
+    (describe_finding) and the impression, without the normal statements of write_report; it states exactly the
+    drawn labels. A study with no finding gets one or two normal sentences."""
+    findings = _check(findings)
+    if not findings:
+        return Report(findings=_pick(rng, _BRIEF_NORMAL), impression=_pick(rng, _NORMAL_IMPRESSIONS))
+    ordered = sorted(findings, key=lambda f: LABEL_INDEX[f.label])
+    return Report(findings=" ".join(describe_finding(f, rng) for f in ordered),
+                  impression=_impression_text(findings, rng))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # search-box queries
 

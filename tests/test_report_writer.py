@@ -16,7 +16,7 @@ import pytest
 
 from engine.errors import UserError
 from engine.labels import KINDS, LABELS, LOBES, NODE_STATIONS, SEVERITIES, Finding
-from engine.report_writer import Report, describe_finding, write_query, write_report
+from engine.report_writer import Report, describe_finding, write_brief_report, write_query, write_report
 
 # ----------------------------------------------------------------------------------------------------------------
 # an independent rule-based label extractor (written from the real CT-RATE reports, not from the writer's templates)
@@ -243,6 +243,24 @@ def test_all_labels_at_once_read_back():
     rng = np.random.default_rng(3)
     for seed in range(20):
         _assert_reads_back(random_findings(LABELS, rng), seed)
+
+
+def test_brief_reports_state_exactly_the_drawn_labels_and_no_normal_structure(shared_data):
+    """The brief style (the Generate tab's examples; the text reader's fit): the independent extractor reads back
+    exactly the drawn labels over 300 CT-RATE label rows; a normal study's brief report states no finding; it is
+    shorter than the full report and names no normal structure beyond the lungs, pleura and heart."""
+    table = pd.read_csv(shared_data / "ctrate_labels" / "train_predicted_labels.csv", nrows=300)
+    rng = np.random.default_rng(11)
+    rows = [[label for label, v in zip(LABELS, row) if v] for row in table[list(LABELS)].to_numpy()]
+    for seed, labels in enumerate(rows):
+        findings = random_findings(labels, rng)
+        brief = write_brief_report(findings, np.random.default_rng(seed))
+        assert extract_labels(brief.text) == set(labels), (labels, brief.text)
+        full = write_report(findings, np.random.default_rng(seed))
+        assert len(brief.text) < len(full.text)
+        assert not re.search(r"\btrachea\b|vertebra|adrenal|liver|bone", brief.text, re.I), brief.text
+    normals = {write_brief_report([], np.random.default_rng(seed)).text for seed in range(20)}
+    assert all(extract_labels(t) == set() for t in normals) and len(normals) >= 4
 
 
 def test_normal_reports_state_no_finding_and_vary():

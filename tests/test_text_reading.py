@@ -86,26 +86,30 @@ def shipped_ctclip():
     return CTClipPipeline.from_pretrained(preset="demo")
 
 
-def fresh_reports(n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """n reports written now by the report writer for 0-4 random findings each (never a training text)."""
+def fresh_reports(n: int, seed: int, style: str = "full") -> tuple[list[str], np.ndarray]:
+    """n reports written now by the report writer for 0-4 random findings each (never a training text); style
+    "brief": write_brief_report (the findings and the impression only, as a prompt is typed)."""
     from engine.phantom.findings import sample_findings
-    from engine.report_writer import write_report
+    from engine.report_writer import write_brief_report, write_report
+
+    write = write_brief_report if style == "brief" else write_report
 
     rng = np.random.default_rng(seed)
     texts, labels = [], np.zeros((n, len(LABELS)), dtype=np.int64)
     for i in range(n):
         chosen = sorted(rng.choice(len(LABELS), size=int(rng.integers(0, 5)), replace=False))
         labels[i, chosen] = 1
-        texts.append(write_report(sample_findings([LABELS[j] for j in chosen], rng), rng).text)
+        texts.append(write(sample_findings([LABELS[j] for j in chosen], rng), rng).text)
     return texts, labels
 
 
-def test_shipped_reader_reads_what_fresh_reports_state(shipped_ctclip):
-    """40 reports written now for random findings, read from their text latents. The image rule alone marks far more
-    labels than they state; the reader marks about as many as they state, and gets far fewer report-label pairs
-    wrong at 0.5."""
+@pytest.mark.parametrize("style", ["full", "brief"])
+def test_shipped_reader_reads_what_fresh_reports_state(shipped_ctclip, style):
+    """40 reports written now for random findings (full CT-RATE style, and brief as a prompt is typed), read from
+    their text latents. The image rule alone marks far more labels than they state; the reader marks about as many
+    as they state, and gets far fewer report-label pairs wrong at 0.5."""
     assert shipped_ctclip.text_reader is not None, "assets/ctclip has no text_reading.json"
-    texts, labels = fresh_reports(40, seed=20261201)
+    texts, labels = fresh_reports(40, seed=20261201, style=style)
     latents = shipped_ctclip.embed_texts(texts)
     raw = np.array([[r[label] for label in LABELS] for r in map(shipped_ctclip.zero_shot_from_latent, latents)])
     read = np.array([[r[label] for label in LABELS] for r in map(shipped_ctclip.text_reading_from_latent, latents)])

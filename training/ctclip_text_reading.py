@@ -2,15 +2,17 @@
 
     python -m training ctclip-text-reading --checkpoint assets/ctclip [--cache DIR] [--n-test 320]
 
-1. fit: the text latents of the TRAINING split's texts (CACHE/train: each phantom's report, and the real CT-RATE
-   report paired with a phantom where there is one), each with its study's 18 labels -> per label a logistic
-   regression on the latent's 36 prompt features. Short queries are left out: a query names at most two of its
+1. fit: the text latents of the TRAINING split's texts (CACHE/train: each phantom's report, the real CT-RATE
+   report paired with a phantom where there is one, and a brief report of each phantom's labels, `brief_texts`, the
+   way a prompt is typed), each with its study's 18 labels -> per label a logistic regression on the latent's 36
+   prompt features. Short queries are left out: a query names at most two of its
    study's findings, so the study's labels are not what it states;
 2. write CHECKPOINT/text_reading.json;
 3. measure on the HELD-OUT test split's reports (CACHE/test, the ctclip-eval studies, never trained on), the raw image
    rule against the reader: labels marked above 0.5 per report against labels stated, the share of report-label
    pairs wrong at 0.5, the Brier score and the per-label AUROC; and the same for a per-label scaling of the pair's
-   logit alone (Platt), the simpler reader this one was chosen over. Merged into CHECKPOINT/metrics.json under
+   logit alone (Platt), the simpler reader this one was chosen over; and the image rule and the reader on brief
+   reports of the held-out studies ("brief_reports"). Merged into CHECKPOINT/metrics.json under
    "text_reading" (every other key kept).
 Text latents come from CTClipPipeline.embed_texts, the path the CLI and the app use (kept in
 CACHE/text_latents_<split>_<model_id>.npz: the long reports take minutes to encode), the prompt features from
@@ -29,6 +31,22 @@ from engine.labels import LABELS
 from engine.settings import training_cache_dir
 
 TEXT_KINDS = ("report", "real_report")   # what a training record says about its whole study (not its query)
+BRIEF_SEED = 7_300_001                    # rng([BRIEF_SEED, i]) writes study i's brief report
+
+
+def brief_texts(labels: np.ndarray) -> list[str]:
+    """One brief report per study (engine.report_writer.write_brief_report: its findings in a sentence each and the
+    impression, no normal statements, as the Generate tab's examples are typed), stating exactly the study's labels
+    (rows of `labels`, (n, 18) 0/1), findings drawn by engine.phantom.findings.sample_findings from rng([BRIEF_SEED,
+    i])."""
+    from engine.phantom.findings import sample_findings
+    from engine.report_writer import write_brief_report
+
+    out = []
+    for i, row in enumerate(labels):
+        rng = np.random.default_rng([BRIEF_SEED, i])
+        out.append(write_brief_report(sample_findings([LABELS[j] for j in np.flatnonzero(row)], rng), rng).text)
+    return out
 
 
 def cache_texts(cache, kinds=TEXT_KINDS, n: int | None = None) -> tuple[list[str], np.ndarray, list[str]]:
@@ -117,12 +135,18 @@ def fit_text_reading(checkpoint: Path, cache_root: Path | None = None, n_test: i
                             progress=progress, desc=desc)
 
     held_latents = latents(test_texts, "test", "text latents (held-out reports)")
-    fit = prompt_features(latents(train_texts, "train", "text latents (fit: training reports)"),
+    train_brief = brief_texts(train_labels[[k == "report" for k in train_kinds]])
+    test_brief = brief_texts(test_labels)
+    held_brief_latents = latents(test_brief, "brief_test", "text latents (held-out brief reports)")
+    fit = prompt_features(np.concatenate([latents(train_texts, "train", "text latents (fit: training reports)"),
+                                          latents(train_brief, "brief_train", "text latents (fit: brief reports)")]),
                           pipeline.prompt_latents, scale)
+    fit_labels = np.concatenate([train_labels, train_labels[[k == "report" for k in train_kinds]]])
     held = prompt_features(held_latents, pipeline.prompt_latents, scale)
-    counts = {kind: train_kinds.count(kind) for kind in TEXT_KINDS}
+    held_brief = prompt_features(held_brief_latents, pipeline.prompt_latents, scale)
+    counts = {**{kind: train_kinds.count(kind) for kind in TEXT_KINDS}, "brief_report": len(train_brief)}
     prompts = all_zero_shot_prompts()
-    reader = fit_text_reader(fit, train_labels, prompts, info={
+    reader = fit_text_reader(fit, fit_labels, prompts, info={
         "model_id": pipeline.model_id, "fit_cache": str(cache_root / "train"), "fit_texts": counts})
     reader.save(checkpoint)
     if TextReader.load(checkpoint, pipeline.model_id, prompts) is None:
@@ -130,11 +154,15 @@ def fit_text_reading(checkpoint: Path, cache_root: Path | None = None, n_test: i
 
     image_rule = zero_shot_probabilities(torch.from_numpy(held_latents), torch.from_numpy(pipeline.prompt_latents),
                                          scale).numpy()
-    block = {"fit_texts": counts, "n_fit": len(train_texts), "test_cache": str(cache_root / "test"),
+    image_rule_brief = zero_shot_probabilities(torch.from_numpy(held_brief_latents),
+                                               torch.from_numpy(pipeline.prompt_latents), scale).numpy()
+    block = {"fit_texts": counts, "n_fit": len(fit), "test_cache": str(cache_root / "test"),
              "n_held_out_reports": len(test_texts),
              "image_rule": reading_measures(image_rule, test_labels),
-             "pair_logit_platt": reading_measures(pair_platt(fit, train_labels, held), test_labels),
+             "pair_logit_platt": reading_measures(pair_platt(fit, fit_labels, held), test_labels),
              "reader": reading_measures(reader.probabilities(held), test_labels),
+             "brief_reports": {"n": len(test_brief), "image_rule": reading_measures(image_rule_brief, test_labels),
+                               "reader": reading_measures(reader.probabilities(held_brief), test_labels)},
              "seconds": time.time() - t0}
     merge_metrics_json(checkpoint / "metrics.json", "text_reading", block)
     return block
