@@ -449,9 +449,11 @@ def test_bad_input_raises_user_error():
 def test_a_label_the_writer_has_no_words_for_raises(monkeypatch):
     """A label added to the vocabulary (engine.labels) but not to the writer must not be written as another label:
     the impression and the query dispatchers raise instead of falling back to "interlobular septal thickening"."""
+    import engine.report_queries as report_queries
     import engine.report_writer as report_writer
 
-    monkeypatch.setattr(report_writer, "LABEL_INDEX", {**report_writer.LABEL_INDEX, "Pneumothorax": len(LABELS)})
+    for module in (report_writer, report_queries):
+        monkeypatch.setattr(module, "LABEL_INDEX", {**report_writer.LABEL_INDEX, "Pneumothorax": len(LABELS)})
     new = Finding("Pneumothorax", side="right", severity="moderate")
     with pytest.raises(ValueError, match="no impression phrase for the label 'Pneumothorax'"):
         write_report([new], np.random.default_rng(0))
