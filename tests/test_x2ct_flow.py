@@ -126,3 +126,47 @@ def test_a_larger_plan_extends_the_cache_and_equals_a_fresh_build(run, tmp_path)
         assert grown_latents.shape[0] == 6
         assert np.allclose(grown_latents, np.load(next(fresh.glob("latents-*.npz")))[name], atol=1e-5)
     assert json.loads((extended / "studies.json").read_text()) == json.loads((fresh / "studies.json").read_text())
+
+
+class _StopsAfter:
+    """The frozen CT CLIP, interrupted (as Ctrl-C or a session's end would) at its `n`-th volume."""
+
+    def __init__(self, pipeline, n: int):
+        self.pipeline, self.n, self.model_id = pipeline, n, pipeline.model_id
+
+    def embed_volume(self, volume):
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt
+        return self.pipeline.embed_volume(volume)
+
+    def embed_texts(self, texts):
+        return self.pipeline.embed_texts(texts)
+
+
+def test_an_interrupted_build_resumes_where_its_last_flush_left_off(run, tmp_path):
+    """Flushing after every study, a build of 4 stopped while embedding the 3rd keeps 2 studies (a cache of
+    n_studies 2 whose files agree); the next build_split renders only studies 2 and 3 and equals the fresh build."""
+    from training.train_x2ct import load_ctclip, X2CTTrainConfig
+    from training.x2ct_data import DRRPlan, _build_drrs, build_split
+
+    out, _ = run
+    pipeline = load_ctclip(X2CTTrainConfig())
+    plan = DRRPlan(**json.loads((out / "cache" / "train" / "meta.json").read_text())["plan"])
+    assert plan.n_studies == 4
+    root = tmp_path / "interrupted"
+    root.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        _build_drrs(root, plan, _StopsAfter(pipeline, 2), workers=1, ctrate=None, flush_every_s=0.0)
+    assert json.loads((root / "meta.json").read_text())["plan"]["n_studies"] == 2
+    assert np.load(root / "drrs.npy").shape[0] == 2 and len(json.loads((root / "studies.json").read_text())) == 2
+    assert not list(root.glob("*.partial"))
+    resumed = _StopsAfter(pipeline, 2)        # a resume that rendered study 0 or 1 again would be interrupted
+    build_split(root, plan, resumed)
+    assert resumed.n == 0
+    assert np.array_equal(np.load(root / "drrs.npy"), np.load(out / "cache" / "train" / "drrs.npy"))
+    assert json.loads((root / "studies.json").read_text()) == \
+        json.loads((out / "cache" / "train" / "studies.json").read_text())
+    for name in ("ct", "report"):
+        assert np.allclose(np.load(next(root.glob("latents-*.npz")))[name],
+                           np.load(next((out / "cache" / "train").glob("latents-*.npz")))[name], atol=1e-5)

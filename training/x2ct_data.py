@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from engine.labels import LABELS
 from engine.models.cxr_encoder import prepare_radiograph
 
 X2CT_TRAIN_SEED_BASE = 600_000
+FLUSH_EVERY_S = 600.0      # a cache build writes what it has made this often (seconds), so it resumes
 
 
 @dataclass
@@ -94,9 +96,8 @@ def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=No
     latents = root / f"latents-{pipeline.model_id}.npz"
     start = _studies_to_keep(root, plan, pipeline.model_id)
     if start < plan.n_studies:
-        _build_drrs(root, plan, pipeline, workers, ctrate, start)
         latents.unlink(missing_ok=True)                 # the report latents cover every study: remade below
-        (root / "meta.json").write_text(json.dumps({"plan": asdict(plan)}, indent=1))
+        _build_drrs(root, plan, pipeline, workers, ctrate, start)
     if not latents.is_file():
         _build_latents(root, plan, pipeline, ctrate)
     return root
@@ -116,9 +117,12 @@ def _studies_to_keep(root: Path, plan: DRRPlan, model_id: str) -> int:
     return 0
 
 
-def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate, start: int = 0) -> None:
+def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate, start: int = 0,
+                flush_every_s: float = FLUSH_EVERY_S) -> None:
     """Render studies start..n-1 (phantom workers or CT-RATE reads), keep their DRRs and, while the volume is at
-    hand, their CT latents (written with the report latents by _build_latents); append them to the first `start`."""
+    hand, their CT latents (written with the report latents by _build_latents); append them to the first `start`.
+    Every `flush_every_s` seconds what is made so far is written as a cache of that many studies, so an interrupted
+    build (a session's end, Ctrl-C) resumes from there: the next build_split extends it."""
     records, views, ct_latents = [], [], []
     if start:
         records = json.loads((root / "studies.json").read_text())[:start]
@@ -130,18 +134,37 @@ def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate, start
         items = pool.imap(_phantom_study, jobs) if pool else map(_phantom_study, jobs)
     else:
         pool, items = None, _ctrate_items(ctrate, plan, start)
+    flushed = time.monotonic()
     try:
         for record, drrs, volume in tqdm(items, total=plan.n_studies, initial=start, desc=f"DRRs ({plan.split})",
                                          unit="study"):
             records.append(record)
             views.append(drrs)
             ct_latents.append(pipeline.embed_volume(volume))
+            if time.monotonic() - flushed > flush_every_s and len(records) < plan.n_studies:
+                _write_studies(root, plan, records, views, ct_latents, pipeline.model_id)
+                flushed = time.monotonic()
     finally:
         if pool:
             pool.close()
-    np.save(root / "drrs.npy", np.stack(views))
-    (root / "studies.json").write_text(json.dumps(records))
-    np.save(root / f"ct-latents-{pipeline.model_id}.npy", np.stack(ct_latents).astype(np.float32))
+    _write_studies(root, plan, records, views, ct_latents, pipeline.model_id)
+
+
+def _write_studies(root: Path, plan: DRRPlan, records: list, views: list, ct_latents: list, model_id: str) -> None:
+    """The cache of the first len(records) studies of `plan`. Each file is replaced whole (written aside, then
+    renamed) and meta.json goes last, so a kill at any point leaves a cache that _studies_to_keep reads consistently
+    (every file holds at least the studies meta.json counts)."""
+    def replace(name: str, write) -> None:
+        partial = root / f"{name}.partial"
+        with open(partial, "wb") as out:
+            write(out)
+        partial.replace(root / name)
+
+    replace("drrs.npy", lambda f: np.save(f, np.stack(views)))
+    replace("studies.json", lambda f: f.write(json.dumps(records).encode()))
+    replace(f"ct-latents-{model_id}.npy", lambda f: np.save(f, np.stack(ct_latents).astype(np.float32)))
+    replace("meta.json", lambda f: f.write(json.dumps({"plan": {**asdict(plan), "n_studies": len(records)}},
+                                                      indent=1).encode()))
 
 
 def _build_latents(root: Path, plan: DRRPlan, pipeline, ctrate) -> None:
