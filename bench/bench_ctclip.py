@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -23,23 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.models.ctclip import CTCLIP, CTCLIPConfig  # noqa: E402
 from engine.models.ctvit import CTViT  # noqa: E402
+from timing import median_seconds, peak_rss_mb  # noqa: E402  (bench/timing.py)
 
 REFERENCE_PARAMS = 438_148_761  # shared/manifests/ctclip_v2.counts.json
 REPORT = "Bilateral pleural effusion is present. Mild cardiomegaly. No pulmonary nodule."
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def count(model: torch.nn.Module, prefix: str = "") -> int:

@@ -14,33 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.settings import shared_data  # noqa: E402
+from timing import median_seconds, peak_rss_mb  # noqa: E402  (bench/timing.py)
 
 TARGETS_S = {"findings": 0.5, "drr": 1.0}
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def median_seconds(function, runs: int) -> float:
-    function()  # warm-up (first-call allocations)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def bench_findings(args) -> dict:

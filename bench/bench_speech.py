@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,24 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.audio import SAMPLE_RATE, read_audio  # noqa: E402
+from timing import median_seconds, peak_rss_mb  # noqa: E402  (bench/timing.py)
 
 REPORT = ("Findings: There is a moderate right pleural effusion with adjacent atelectasis. The heart is enlarged. "
           "Calcified plaques are seen in the coronary arteries. Impression: right pleural effusion, cardiomegaly.")
 CHUNK_S = 3.0
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def dictation(seconds: float, folder: Path) -> Path:
