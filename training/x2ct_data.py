@@ -179,7 +179,9 @@ def _build_latents(root: Path, plan: DRRPlan, pipeline, ctrate) -> None:
                        for r in tqdm(records, desc="CT latents", unit="study")])
     else:
         ct = np.stack([pipeline.embed_volume(volume) for _, _, volume in _ctrate_items(ctrate, plan)])
-    report = pipeline.embed_texts([r["report"] for r in records])
+    texts = [r["report"] for r in records]      # chunks of 256 (a multiple of embed_texts' batch): the same batches
+    report = np.concatenate([pipeline.embed_texts(texts[i:i + 256])
+                             for i in tqdm(range(0, len(texts), 256), desc="report latents", unit="x256 reports")])
     np.savez(root / f"latents-{pipeline.model_id}.npz", ct=ct.astype(np.float32), report=report.astype(np.float32))
 
 
