@@ -17,8 +17,6 @@ number printed here should be the shipped model's).
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,20 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from engine.pipelines.generate import DEFAULT_GUIDANCE, GeneratePipeline, guided_prediction  # noqa: E402
 from engine.settings import generator_dir  # noqa: E402
+from timing import median_seconds, peak_rss_mb  # noqa: E402  (bench/timing.py)
 
 PROMPT = ("Findings: Moderate right pleural effusion with adjacent atelectasis. The heart is enlarged. "
           "Impression: Right pleural effusion. Cardiomegaly.")
 TARGET_S, TARGET_MB = 20.0, 4096
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall-clock seconds of `repeats` calls of fn()."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_generations(pipeline: GeneratePipeline, steps: int, repeats: int) -> dict:
@@ -65,11 +54,11 @@ def time_guidance(pipeline: GeneratePipeline, repeats: int) -> tuple[float, floa
     context = torch.nn.functional.normalize(torch.randn(1, 1, config.context_dim), dim=-1)
     t = torch.tensor(config.num_train_timesteps / 2)
     with torch.inference_mode():
-        guided_prediction(pipeline.unet, latent, t, context, DEFAULT_GUIDANCE)  # warm-up (allocations, kernels)
-        batched = median_time(lambda: guided_prediction(pipeline.unet, latent, t, context, DEFAULT_GUIDANCE),
-                              repeats)
-        separate = median_time(lambda: guided_prediction(pipeline.unet, latent, t, context, DEFAULT_GUIDANCE,
-                                                         batched=False), repeats)
+        # median_seconds warms each form up first (allocations, kernels)
+        batched = median_seconds(lambda: guided_prediction(pipeline.unet, latent, t, context, DEFAULT_GUIDANCE),
+                                 repeats)
+        separate = median_seconds(lambda: guided_prediction(pipeline.unet, latent, t, context, DEFAULT_GUIDANCE,
+                                                            batched=False), repeats)
     return batched, separate
 
 
@@ -100,7 +89,7 @@ def main() -> None:
     batched, separate = time_guidance(pipeline, max(1, args.repeats))
     print(f"guided step: {batched:.3f} s batched, {separate:.3f} s as two passes -> batched guidance speed-up "
           f"x{separate / batched:.2f}")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(f"peak memory (max RSS, loading included): {peak_mb:.0f} MB; target <= {TARGET_MB} MB")
 
 
