@@ -161,20 +161,22 @@ def difference_heat(difference_hu: np.ndarray, floor_hu: float = DIFFERENCE_FLOO
 
 
 def radiograph_image(image: np.ndarray, overlay: np.ndarray | None = None, max_side: int = 1024,
-                     overlay_alpha: float = 0.5) -> np.ndarray:
-    """A radiograph (float32 (H, W) in [0, 1], engine.radiograph's convention) for display: uint8 grey, shrunk
-    (aspect kept, anti-aliased) so its longer side is at most max_side pixels; with `overlay` (0..1, the image's
+                     min_side: int = 512, overlay_alpha: float = 0.5) -> np.ndarray:
+    """A radiograph (float32 (H, W) in [0, 1], engine.radiograph's convention) for display: uint8 grey, its longer
+    side brought into [min_side, max_side] pixels (aspect kept; shrunk anti-aliased, enlarged bilinearly, so a
+    128-pixel simulated film fills its panel instead of sitting small in it); with `overlay` (0..1, the image's
     (H, W)) the heat ramp blended over it as plane_image does, uint8 RGB."""
     from skimage.transform import resize
 
     h, w = image.shape
-    scale = min(1.0, max_side / max(h, w))
+    longer = max(h, w)
+    scale = max_side / longer if longer > max_side else (min_side / longer if longer < min_side else 1.0)
     shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-    small = resize(image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True) if scale < 1 else image
-    grey = np.round(np.clip(small, 0.0, 1.0) * 255).astype(np.uint8)
+    resized = image if scale == 1.0 else resize(image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    grey = np.round(np.clip(resized, 0.0, 1.0) * 255).astype(np.uint8)
     if overlay is None:
         return grey
-    heat = resize(np.asarray(overlay, np.float32), shape, order=1, preserve_range=True) if scale < 1 else overlay
+    heat = overlay if scale == 1.0 else resize(np.asarray(overlay, np.float32), shape, order=1, preserve_range=True)
     return blend_heat(grey, heat, overlay_alpha)
 
 

@@ -10,7 +10,7 @@ import pytest
 from engine.errors import UserError
 from engine.labels import LABELS
 from training.evaluate import (auroc, average_precision, bootstrap_ci, classification_at, delong_test, label_iou,
-                               macro_auroc, map_at_k, map_at_k_bounds, recall_at_k, roc_points, top_left_threshold,
+                               macro_auroc, map_at_k, map_at_k_bounds, map_at_k_read_labels, recall_at_k, roc_points, top_left_threshold,
                                write_metrics_json, zero_shot_metrics)
 
 # The 6-sample case used throughout: scores descending, labels 1 0 1 1 0 0.
@@ -370,3 +370,17 @@ def test_linear_probe_finds_the_label_a_feature_carries_and_nothing_in_noise():
         linear_probe_auroc(features, labels)           # 3 label columns, 18 names
     with pytest.raises(UserError):
         linear_probe_auroc(features, labels, names=("a", "b", "c"), folds=1)
+
+
+def test_map_read_labels_hand_worked():
+    """Labels A, A, B. Nothing read: query 0 finds 1, query 1 finds 0 (IoU 1 each), query 2 ties at 0 and takes 0
+    in index order (IoU 0): MAP@1 = 2/3, the oracle. Label A read as 0.9, 0.1, 0.8: vectors (0.9, 0), (0.1, 0),
+    (0.8, 1); weighted Jaccard 0-1 = 0.1/0.9 = 0.111, 0-2 = 0.8/1.9 = 0.421, 1-2 = 0.1/1.8 = 0.056. Query 0 now
+    takes 2 (IoU 0), query 1 takes 0 (IoU 1), query 2 takes 0 (IoU 0): MAP@1 = 1/3."""
+    labels = np.array([[1, 0], [1, 0], [0, 1]])
+    probs = np.array([[0.9, 0.5], [0.1, 0.5], [0.8, 0.5]])
+    assert map_at_k_read_labels(probs, labels, (), ks=(1,))["MAP@1"] == pytest.approx(2 / 3)
+    assert map_at_k_read_labels(probs, labels, (), ks=(1,)) == map_at_k_bounds(labels, ks=(1,), n_random=1)["oracle"]
+    assert map_at_k_read_labels(probs, labels, (0,), ks=(1,))["MAP@1"] == pytest.approx(1 / 3)
+    with pytest.raises(UserError):
+        map_at_k_read_labels(probs[:, :1], labels, (0,))

@@ -48,6 +48,39 @@ def test_vae_run_writes_a_loadable_autoencoder_and_resumes(trained):
     assert again["steps"] == 3
 
 
+def test_decoder_only_fine_tuning_keeps_the_latents_and_trains_the_decoder(trained):
+    """--init-from + --decoder-only on whole volumes: every encoder weight (so every latent a U-Net trained on) stays
+    bit-identical, the decoder moves, and the run's config states the network it started from."""
+    import json
+
+    from safetensors.torch import load_file
+
+    root, _, vae_cfg, _, _ = trained
+    start = root / "vae" / "model"
+    cfg = replace(vae_cfg, init_from=str(start), decoder_only=True, crop_zyx=TINY_SHAPE, lr=1e-2, steps=2)
+    train_vae(cfg, root / "vae-decoder", cache_root=root / "cache", progress=False)
+    before, after = load_file(str(start / "model.safetensors")), load_file(str(root / "vae-decoder" / "model" /
+                                                                             "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("network.encoder.", "network.quant_conv_"))]
+    trained_keys = [k for k in before if k.startswith(("network.decoder.", "network.post_quant_conv."))]
+    assert frozen and trained_keys and set(frozen) | set(trained_keys) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained_keys) > len(trained_keys) // 2
+    unit = torch.rand(1, 1, *TINY_SHAPE)
+    old, new = CTAutoencoder.from_pretrained(start), CTAutoencoder.from_pretrained(root / "vae-decoder" / "model")
+    assert torch.equal(old.encode(unit), new.encode(unit))
+    assert not torch.allclose(old.decode(old.encode(unit)), new.decode(new.encode(unit)))
+    run_config = json.loads((root / "vae-decoder" / "train_config.json").read_text())
+    assert run_config["model"] == json.loads(json.dumps(old.config.to_dict())) and run_config["decoder_only"] is True
+
+
+def test_decoder_only_without_a_start_says_so(tmp_path):
+    from engine.errors import UserError
+
+    with pytest.raises(UserError, match="--init-from"):
+        train_vae(replace(VAETrainConfig.demo(), decoder_only=True), tmp_path / "run", progress=False)
+
+
 def test_ldm_latents_are_computed_once_and_set_the_scale_factor(trained):
     root, ctclip, _, _, summary = trained
     files = list((root / "cache").glob("latents-*.pt"))

@@ -116,3 +116,32 @@ def test_figure_3d_has_bone_and_lung_meshes_with_equal_aspect(lung1):
 def test_difference_heat_is_transparent_below_30_hu_and_full_from_300_hu():
     difference = np.array([0.0, -20.0, 30.0, 165.0, -165.0, 300.0, -1000.0], np.float32)
     np.testing.assert_allclose(difference_heat(difference), [0, 0, 0, 0.5, 0.5, 1, 1])  # (165 - 30) / 270 = 0.5
+
+
+def test_a_small_simulated_film_is_enlarged_for_its_panel_and_a_large_real_one_shrunk(shared_data):
+    """The display's longer side lands in [512, 1024] pixels with the film's aspect kept: a simulated film of the
+    demo phantom (about 110 x 128 pixels) had been drawn small inside the 420-pixel-high radiograph panel."""
+    from engine.drr import simulate_radiograph
+    from engine.phantom import render_phantom
+    from engine.radiograph import read_radiograph
+    from engine.viewing import radiograph_image
+
+    film = simulate_radiograph(render_phantom([], 7, noise=False)).image
+    h, w = film.shape
+    assert max(h, w) < 512
+    shown = radiograph_image(film)
+    assert max(shown.shape) == 512 and shown.dtype == np.uint8
+    assert shown.shape[0] / shown.shape[1] == pytest.approx(h / w, abs=0.01)
+    # enlarged, not altered: the bright mediastinum stays in the middle column band, the dark lungs either side
+    third = shown.shape[1] // 3
+    middle, sides = shown[:, third:2 * third].mean(), np.r_[shown[:, :third].ravel(), shown[:, 2 * third:].ravel()].mean()
+    assert middle > sides + 20
+    heat = np.zeros_like(film)
+    heat[: h // 2] = 1.0
+    overlaid = radiograph_image(film, overlay=heat)
+    assert overlaid.shape == (*shown.shape, 3)
+    red_excess = overlaid[..., 0].astype(int) - overlaid[..., 2].astype(int)
+    assert red_excess[: shown.shape[0] // 3].mean() > red_excess[-shown.shape[0] // 3:].mean() + 50
+
+    real = read_radiograph(shared_data / "cxr" / "00000001_000.png").image
+    assert max(radiograph_image(real).shape) == min(1024, max(512, max(real.shape)))

@@ -112,6 +112,8 @@ def _vae(args) -> int:
     from training.train_vae import VAETrainConfig, train_vae
     from training.train_ldm import default_run
     cfg = _generator_overrides(VAETrainConfig.demo() if args.preset == "demo" else VAETrainConfig.paper(), args)
+    overrides = {k: v for k, v in {"init_from": args.init_from, "crop_zyx": args.crop}.items() if v}
+    cfg = replace(cfg, decoder_only=bool(args.decoder_only), **overrides)
     out = Path(args.out or default_run("vae", cfg.preset))
     print(json.dumps(train_vae(cfg, out, cache_root=args.cache, resume=args.resume)))
     return 0
@@ -161,6 +163,13 @@ def _add_generator_stages(sub) -> None:
         p.add_argument("--out", help=f"run directory (default runs/{stage}-PRESET)")
         p.add_argument("--cache", help="phantom and latent cache (default cache/generator-demo)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+        if stage == "vae":
+            p.add_argument("--init-from", help="an autoencoder folder to start from (default: fresh weights)")
+            p.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder and train the decoder on its posterior means, so an existing "
+                           "U-Net's latents stay valid (needs --init-from)")
+            p.add_argument("--crop", type=_int_list, metavar="Z,Y,X",
+                           help="voxels per training crop (demo default 32,64,64; 64,128,128 = whole volumes)")
         if stage == "ldm":
             p.add_argument("--vae", help="the autoencoder folder (default runs/vae-PRESET/model)")
             p.add_argument("--n-studies", type=int, help="demo: studies to encode and train on, spread evenly over "
@@ -196,6 +205,9 @@ def _x2ct(args) -> int:
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.time_budget_min is not None:
         overrides["time_budget_s"] = 60.0 * args.time_budget_min
+    for name in ("resnet_widths", "resnet_layers"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     cfg = replace(cfg, **overrides)
     if cfg.preset == "paper" and not (cfg.ctclip and cfg.data_root and cfg.reports_csv and cfg.metadata_csv
                                       and cfg.labels_csv):
@@ -216,10 +228,25 @@ def _x2ct_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """"16,32,64,128" -> (16, 32, 64, 128): positive integers, for argparse."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def _add_x2ct_parsers(sub) -> None:
     p = sub.add_parser("x2ct", help="train the X2CT-CLIP chest-radiograph encoder against the frozen CT CLIP")
     p.add_argument("--preset", choices=("demo", "paper"), default="demo")
     p.add_argument("--backbone", choices=("resnet", "swin"))
+    p.add_argument("--resnet-widths", type=_int_list, metavar="W1,W2,W3,W4",
+                   help="channels per ResNet stage, for a candidate run (default: the preset's; demo 16,32,64,128)")
+    p.add_argument("--resnet-layers", type=_int_list, metavar="N1,N2,N3,N4",
+                   help="blocks per ResNet stage, for a candidate run (default: the preset's; demo 1,1,1,1)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

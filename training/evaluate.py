@@ -15,6 +15,8 @@ What each function reproduces (definitions read from the public CT-CLIP code; it
 - `map_at_k`: volume -> volume "MAP@K" as CT-CLIP defines it: for each query, the mean label-IoU of its top-K
   retrieved volumes; then the mean over queries. The query itself is excluded and each K is computed from scratch
   (the reference counts the query as its own best match and never resets its accumulator between K values).
+- `map_at_k_read_labels`: where MAP@K is lost: a ranking by label vectors with some labels read by the model and the
+  rest true (none read = the oracle), to show which labels' readings cost the ranking most.
 - `bootstrap_ci`: percentile confidence interval by resampling cases with replacement (the reference's bootstrap
   script forgets to apply its resampled indices).
 - `delong_test`: is one score's AUROC above another's on the same cases (fast DeLong, Sun & Xu 2014).
@@ -426,6 +428,29 @@ def map_at_k_bounds(labels, ks: Sequence[int] = (1, 5, 10, 50), *, n_random: int
     draws = [map_at_k(rng.standard_normal((len(y), 64)), y, ks, abnormal_gallery_only=abnormal_gallery_only)
              for _ in range(n_random)]
     return {"oracle": oracle, "random": {k: float(np.mean([d[k] for d in draws])) for k in oracle}}
+
+
+def map_at_k_read_labels(probs, labels, read: Sequence[int], ks: Sequence[int] = (1, 5, 10, 50), *,
+                         abnormal_gallery_only: bool = True) -> dict:
+    """Where volume -> volume MAP@K is lost: rank by the studies' label vectors in which the columns `read` are the
+    model's zero-shot probabilities and every other column is the truth. read=() is the oracle of map_at_k_bounds;
+    all 18 read is a ranking by the reading alone; one label read says what reading that label costs.
+    Similarity = sum(min) / sum(max) of two vectors (the weighted Jaccard index: the label IoU on 0/1 vectors, 0 when
+    both are all-zero). probs, labels: (N, L). Returns {"MAP@K": ...}."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if p.shape != y.shape or p.ndim != 2:
+        raise UserError(f"Expected (N, L) probabilities and labels of one shape, got {p.shape} and {y.shape}.")
+    mixed = y.astype(np.float64)
+    read = list(read)
+    mixed[:, read] = p[:, read]
+    sim = np.empty((len(y), len(y)))
+    for start in range(0, len(y), 256):                            # blocks of queries bound the memory
+        rows = mixed[start:start + 256, None, :]
+        top = np.minimum(rows, mixed[None]).sum(-1)
+        bottom = np.maximum(rows, mixed[None]).sum(-1)
+        sim[start:start + 256] = np.divide(top, bottom, out=np.zeros_like(top), where=bottom > 0)
+    return map_at_k(sim, y, ks, is_similarity=True, abnormal_gallery_only=abnormal_gallery_only)
 
 
 def pointing_game(heat_maps, masks, labels: Sequence[str], *, tolerance: int = 1) -> dict:

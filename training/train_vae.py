@@ -12,16 +12,22 @@ optimiser settings (Adam 1e-4) and the same L1 + KL terms. MAISI's perceptual an
 implemented here (they need pretrained feature networks this offline project does not have).
 
 The run's model folder OUT/model (save_pretrained at every checkpoint) is what `python -m training ldm --vae` takes.
+
+Decoder fine-tuning (`--init-from VAE --decoder-only`): start from a trained autoencoder, freeze its encoder and train
+only the decoder on the encoder's posterior means, on whole volumes (`--crop 64,128,128`). The latents a U-Net was
+trained on do not change, so the fine-tuned decoder drops into an existing generator (`ldm-export --vae`); its point is
+the decoder's group-norm statistics, learned on crops and wrong on whole volumes (docs/generation.md).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from engine.errors import UserError
 from engine.models.vae import CTAutoencoder, VAEConfig, hu_to_unit
 from engine.settings import training_cache_dir
 from engine.volume import DEMO_SHAPE_ZYX
@@ -52,6 +58,8 @@ class VAETrainConfig:
     n_generated: int = 2000  # phantom studies (seeds 0..n-1): the demo CT CLIP's training plan
     n_real: int = 800  # phantoms of real CT-RATE reports (label-level pairing)
     grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX  # phantom render grid over the demo field of view
+    init_from: str = ""  # an autoencoder folder to start from ("" = fresh weights of `model`)
+    decoder_only: bool = False  # freeze the encoder, train the decoder on its posterior means (needs init_from)
 
     @classmethod
     def demo(cls) -> "VAETrainConfig":
@@ -100,36 +108,57 @@ class PhantomCrops(torch.utils.data.Dataset):
 
 
 class VAEStep(nn.Module):
-    """forward(batch (B, 1, z, y, x) in [0, 1]) -> (L1 + kl_weight * KL, {"l1", "kl"})."""
+    """forward(batch (B, 1, z, y, x) in [0, 1]) -> (L1 + kl_weight * KL, {"l1", "kl"}). decoder_only: the frozen
+    encoder's posterior mean (what a U-Net's latents are) decoded, loss L1 alone (the KL has no gradient then)."""
 
-    def __init__(self, vae: CTAutoencoder, kl_weight: float):
+    def __init__(self, vae: CTAutoencoder, kl_weight: float, decoder_only: bool = False):
         super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
+        self.vae, self.kl_weight, self.decoder_only = vae, kl_weight, decoder_only
 
     def forward(self, unit: torch.Tensor):
+        if self.decoder_only:
+            with torch.no_grad():
+                mu = self.vae.encode(unit)
+            l1 = (self.vae.decode(mu) - unit).abs().mean()
+            return l1, {"l1": float(l1.detach()), "kl": 0.0}
         reconstruction, mu, sigma = self.vae(unit)
         l1 = (reconstruction - unit).abs().mean()
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * torch.log(sigma.clamp_min(1e-8)) - 1).sum(dim=1).mean()
         return l1 + self.kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
 
 
+def freeze_encoder(vae: CTAutoencoder) -> None:
+    """requires_grad off for everything up to the posterior (MONAI AutoencoderKL: encoder, quant_conv_mu,
+    quant_conv_log_sigma); post_quant_conv and the decoder stay trainable. (Group norms keep no running statistics
+    and the network has no dropout, so the loop's train() does not change what the frozen part computes.)"""
+    for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
+        getattr(vae.network, name).requires_grad_(False)
+
+
 def train_vae(cfg: VAETrainConfig, out_dir: Path, cache_root: Path | None = None, resume: bool = False,
               progress: bool = True) -> dict:
     """One run in out_dir (resumable); OUT/model is the autoencoder's checkpoint folder."""
-    out_dir = Path(out_dir)
-    loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="vae")
-    loop.write_run_config(asdict(cfg))
     if cfg.preset == "paper":
         raise NotImplementedError("the paper autoencoder is MAISI's published one: convert it with "
                                   "engine.convert.text2ct (CT-RATE fine-tuning needs a CT-RATE dataset loader)")
+    if cfg.decoder_only and not cfg.init_from:
+        raise UserError("--decoder-only fine-tunes a trained autoencoder: give it with --init-from.")
+    vae = CTAutoencoder.from_pretrained(cfg.init_from) if cfg.init_from else CTAutoencoder(cfg.model)
+    cfg = replace(cfg, model=vae.config)                 # the run's config states the network it trains
+    out_dir = Path(out_dir)
+    loop = TrainingLoop(LoopConfig.from_config(cfg), out_dir, resume=resume, progress=progress, desc="vae")
+    loop.write_run_config(asdict(cfg))
     cache = generator_phantom_cache(cfg.n_generated, cfg.n_real, cache_root, progress and loop.dist.main,
                                     cfg.grid_zyx)
-    vae = CTAutoencoder(cfg.model).to(loop.dist.device)
-    step = VAEStep(vae, cfg.kl_weight)
+    vae = vae.train().to(loop.dist.device)
+    if cfg.decoder_only:
+        freeze_encoder(vae)
+    step = VAEStep(vae, cfg.kl_weight, cfg.decoder_only)
 
     def save_model():
         vae.save_pretrained(out_dir / "model", half=False)
 
-    summary = loop.run(step, lambda: torch.optim.Adam(step.parameters(), lr=cfg.lr),
+    trainable = [p for p in step.parameters() if p.requires_grad]
+    summary = loop.run(step, lambda: torch.optim.Adam(trainable, lr=cfg.lr),
                        PhantomCrops(cache, cfg.crop_zyx, cfg.seed), on_checkpoint=save_model)
     return {**summary, "model": str(out_dir / "model")}

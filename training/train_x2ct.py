@@ -39,6 +39,8 @@ class X2CTTrainConfig:
     """One run's hyper-parameters (lr in AdamW units, times in seconds) and data plan."""
     preset: str = "demo"
     backbone: str = "resnet"                 # "resnet" | "swin"
+    resnet_widths: tuple[int, ...] = ()      # () = the preset's (CXREncoderConfig); set for a candidate run
+    resnet_layers: tuple[int, ...] = ()      # blocks per stage, () = the preset's
     steps: int = 1200
     batch_size: int = 32                     # per process
     lr: float = 1e-3
@@ -132,7 +134,9 @@ def encoder_config(cfg: X2CTTrainConfig, latent_dim: int) -> CXREncoderConfig:
     """The preset's encoder, its latent the CT CLIP's latent size (read from the CT CLIP's own config)."""
     base = CXREncoderConfig.demo(backbone=cfg.backbone) if cfg.preset == "demo" \
         else CXREncoderConfig.paper(backbone=cfg.backbone)
-    return replace(base, latent_dim=int(latent_dim))
+    shape = {name: tuple(int(v) for v in value) for name, value in
+             (("resnet_widths", cfg.resnet_widths), ("resnet_layers", cfg.resnet_layers)) if value}
+    return replace(base, latent_dim=int(latent_dim), **shape)
 
 
 def cache_dir(cfg: X2CTTrainConfig, cache_root: Path | None) -> Path:
