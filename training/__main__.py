@@ -244,7 +244,7 @@ def _add_x2ct_parsers(sub) -> None:
     p.add_argument("--preset", choices=("demo", "paper"), default="demo")
     p.add_argument("--backbone", choices=("resnet", "swin"))
     p.add_argument("--resnet-widths", type=_int_list, metavar="W1,W2,W3,W4",
-                   help="channels per ResNet stage, for a candidate run (default: the preset's; demo 16,32,64,128)")
+                   help="channels per ResNet stage, for a candidate run (default: the preset's; demo 32,64,128,256)")
     p.add_argument("--resnet-layers", type=_int_list, metavar="N1,N2,N3,N4",
                    help="blocks per ResNet stage, for a candidate run (default: the preset's; demo 1,1,1,1)")
     p.add_argument("--steps", type=int)

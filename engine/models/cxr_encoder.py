@@ -32,7 +32,8 @@ BACKBONES = ("resnet", "swin")
 @dataclass
 class CXREncoderConfig(ModelConfig):
     """The CXR encoder. paper: ResNet-50 (bottleneck blocks 3-4-6-3, widths 64..512 x 4), input 224, latent 512 (the
-    CT-CLIP v2 latent). demo: a small ResNet (basic blocks 1-1-1-1, widths 16..128) on 128-pixel input (the demo DRRs
+    CT-CLIP v2 latent). demo: a small ResNet (basic blocks 1-1-1-1, widths 32..256: 1.3 M parameters, chosen over
+    widths 16..128 and over blocks 2-2-2-2 by measured runs, docs/x2ct.md) on 128-pixel input (the demo DRRs
     are ~110 x 128 pixels of 2.7 mm), its latent the demo CT CLIP's latent_dim (256; the trainer reads it from the CT
     CLIP checkpoint's config) and a stem of stride 1, so its CAM has 8 x 8 locations. backbone "swin": Swin-T
     (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, patch 4) in the paper; the paper reports both backbones."""
@@ -57,7 +58,7 @@ class CXREncoderConfig(ModelConfig):
     @classmethod
     def demo(cls, latent_dim: int = 256, backbone: str = "resnet") -> "CXREncoderConfig":
         return cls(preset="demo", backbone=backbone, image_size=128, latent_dim=latent_dim, resnet_block="basic",
-                   resnet_layers=(1, 1, 1, 1), resnet_widths=(16, 32, 64, 128), resnet_stem_stride=1,
+                   resnet_layers=(1, 1, 1, 1), resnet_widths=(32, 64, 128, 256), resnet_stem_stride=1,
                    swin_embed_dim=24,
                    swin_depths=(2, 2, 2, 2), swin_heads=(3, 3, 3, 3), swin_window=4)
 
