@@ -16,7 +16,8 @@ The run's model folder OUT/model (save_pretrained at every checkpoint) is what `
 Decoder fine-tuning (`--init-from VAE --decoder-only`): start from a trained autoencoder, freeze its encoder and train
 only the decoder on the encoder's posterior means, on whole volumes (`--crop 64,128,128`). The latents a U-Net was
 trained on do not change, so the fine-tuned decoder drops into an existing generator (`ldm-export --vae`); its point is
-the decoder's group-norm statistics, learned on crops and wrong on whole volumes (docs/generation.md).
+the decoder's group-norm statistics, learned on crops and wrong on whole volumes. Measured on the demo (docs/
+generation.md): the error falls, the CT CLIP's reading of the reconstructions falls too (L1 alone rewards smoothness).
 """
 from __future__ import annotations
 
