@@ -156,7 +156,9 @@ def cxr_tab(ctclip: CTClipModels, cxr: CXRModels, current: gr.State, demo: gr.Bl
         read_event.success(draw, [film, finding], [film_image, map_note], show_progress="hidden")
 
     wire(upload.upload(load_film, upload, [film, film_image, status], api_name="read_cxr_upload"))
-    wire(simulate.click(simulate_film, current, [film, film_image, status]))
+    simulated = simulate.click(simulate_film, current, [film, film_image, status])
+    simulated.success(lambda: None, None, upload, show_progress="hidden")   # the film on show is no longer the upload
+    wire(simulated)
     finding.input(draw, [film, finding], [film_image, map_note], show_progress="hidden")
 
     open_clicked_results(ctclip, table, results, viewer, report)

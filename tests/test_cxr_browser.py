@@ -115,4 +115,6 @@ def test_chest_xray_upload_findings_studies_and_simulate(app_url, tmp_path_facto
             timeout=120_000)
         assert chosen in tab.locator("#cxr-status").inner_text()
         _rows(tab, K)
+        # the upload box no longer names the uploaded file: the film on show is the simulated one
+        page.wait_for_function("() => !document.querySelector('#cxr-upload').innerText.includes('00000001_000')")
         page.screenshot(path=str(shots / "cxr_3_simulated.png"), full_page=True)
