@@ -24,7 +24,7 @@ from training.evaluate import auroc, map_at_k, map_at_k_read_labels  # noqa: E40
 
 def main() -> None:
     from engine.models.ctclip import CTCLIP
-    from training.ctclip_data import TEST_PLAN_SIZE, CachePlan, PhantomCache, build_cache, build_token_features
+    from training.ctclip_data import build_token_features, held_out_cache
     from training.eval_ctclip import encode_cache_images, zero_shot_probs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,11 +35,7 @@ def main() -> None:
     model = CTCLIP.from_pretrained(args.checkpoint).float().eval()
     preset = model.preprocessing
     root = training_cache_dir() / "ctclip-demo" / "test"
-    if not ((root / "meta.json").is_file() and len(PhantomCache(root)) >= args.n):
-        build_cache(root, CachePlan("test", max(args.n, TEST_PLAN_SIZE), 0, tuple(preset.shape_zyx),
-                                    tuple(preset.spacing_xyz)))
-    cache = PhantomCache(root)
-    cache.records = cache.records[:args.n]
+    cache = held_out_cache(root, preset, args.n)
     if preset.token_features:
         build_token_features(root, preset, n_masks=0, n_studies=args.n)
     image = encode_cache_images(model, cache, preset)

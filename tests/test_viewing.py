@@ -118,7 +118,7 @@ def test_difference_heat_is_transparent_below_30_hu_and_full_from_300_hu():
     np.testing.assert_allclose(difference_heat(difference), [0, 0, 0, 0.5, 0.5, 1, 1])  # (165 - 30) / 270 = 0.5
 
 
-def test_a_small_simulated_film_is_enlarged_for_its_panel_and_a_large_real_one_shrunk(shared_data):
+def test_a_small_simulated_film_is_enlarged_for_its_panel_and_a_large_film_shrunk(shared_data):
     """The display's longer side lands in [512, 1024] pixels with the film's aspect kept: a simulated film of the
     demo phantom (about 110 x 128 pixels) had been drawn small inside the 420-pixel-high radiograph panel."""
     from engine.drr import simulate_radiograph
@@ -143,5 +143,10 @@ def test_a_small_simulated_film_is_enlarged_for_its_panel_and_a_large_real_one_s
     red_excess = overlaid[..., 0].astype(int) - overlaid[..., 2].astype(int)
     assert red_excess[: shown.shape[0] // 3].mean() > red_excess[-shown.shape[0] // 3:].mean() + 50
 
-    real = read_radiograph(shared_data / "cxr" / "00000001_000.png").image
-    assert max(radiograph_image(real).shape) == min(1024, max(512, max(real.shape)))
+    png = read_radiograph(shared_data / "cxr" / "00000001_000.png").image          # 512 x 512: shown as it is
+    np.testing.assert_array_equal(radiograph_image(png), np.round(np.clip(png, 0, 1) * 255).astype(np.uint8))
+    film_1024 = read_radiograph(shared_data / "cxr" / "siim_pa_chest.dcm").image    # 1024 x 1024
+    large = np.kron(film_1024, np.ones((2, 2), np.float32))                          # the film at 2048 x 2048
+    shrunk = radiograph_image(large)
+    assert shrunk.shape == (1024, 1024)
+    assert np.abs(shrunk.astype(int) - radiograph_image(film_1024).astype(int)).mean() < 3   # the same picture

@@ -237,6 +237,21 @@ def build_cache(root: Path, plan: CachePlan, workers: int = 2, real_csv: Path | 
     return root
 
 
+def held_out_cache(root: Path, preprocessing, n: int, plan_size: int = TEST_PLAN_SIZE) -> "PhantomCache":
+    """The held-out test phantoms (seeds 900,000 + i) on the preprocessing's grid in `root` (e.g.
+    cache/ctclip-demo/test), rendered there when fewer than n are cached: the first n that rendered. The one home of
+    the test split that ctclip-eval, generate-eval and docs/map_headroom.py read."""
+    root = Path(root)
+    if not ((root / "meta.json").is_file() and len(PhantomCache(root)) >= n):
+        build_cache(root, CachePlan("test", max(n, plan_size), 0, tuple(preprocessing.shape_zyx),
+                                    tuple(preprocessing.spacing_xyz)))
+    cache = PhantomCache(root)
+    if len(cache) < n:
+        raise RuntimeError(f"only {len(cache)} test studies rendered ({len(cache.failed)} seeds failed)")
+    cache.records = cache.records[:n]
+    return cache
+
+
 class PhantomCache:
     """Read side of a finished (or partly finished) cache: records in index order and the volume memmap."""
 

@@ -131,7 +131,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     The image linear probe is fitted on the latents of the first `probe_fit` training studies when the training
     cache (CACHE/train) is there, else cross-validated on the test split."""
     from engine.models.ctclip import CTCLIP, ZERO_SHOT_PROMPTS
-    from training.ctclip_data import CachePlan, PhantomCache, build_cache, build_token_features
+    from training.ctclip_data import build_token_features, held_out_cache
     from training.evaluate import (bootstrap_ci, macro_auroc, map_at_k, map_at_k_bounds, recall_at_k,
                                    write_metrics_json, zero_shot_metrics)
 
@@ -141,12 +141,7 @@ def evaluate(checkpoint: Path, cache_root: Path | None = None, out: Path | None 
     preset = model.preprocessing                     # the checkpoint folder's own input preparation
     cache_root = Path(cache_root or training_cache_dir() / "ctclip-demo")
     test_root = cache_root / "test"
-    if not ((test_root / "meta.json").is_file() and len(PhantomCache(test_root)) >= n_test):
-        build_cache(test_root, CachePlan("test", plan_size, 0, tuple(preset.shape_zyx), tuple(preset.spacing_xyz)))
-    cache = PhantomCache(test_root)
-    if len(cache) < n_test:
-        raise RuntimeError(f"only {len(cache)} test studies rendered ({len(cache.failed)} seeds failed)")
-    cache.records = cache.records[:n_test]           # the first n_test studies that rendered
+    cache = held_out_cache(test_root, preset, n_test, plan_size)   # the first n_test studies that rendered
     labels = cache.label_matrix()
     ids = [str(r["seed"]) for r in cache.records]
 

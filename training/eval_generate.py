@@ -135,15 +135,10 @@ def fid_2_5d(generated: list[np.ndarray], real: list[np.ndarray], encoder) -> di
 # ---------------------------------------------------------------------------------------------- the studies
 def held_out_studies(n: int, reader, cache_root: Path | None = None):
     """The first n studies of the CT CLIP's test cache (rendered there when missing): (volumes, reports, labels)."""
-    from training.ctclip_data import TEST_PLAN_SIZE, CachePlan, PhantomCache, build_cache
+    from training.ctclip_data import held_out_cache
 
     root = Path(cache_root or training_cache_dir() / "ctclip-demo") / "test"
-    preset = reader.model.preprocessing
-    if not ((root / "meta.json").is_file() and len(PhantomCache(root)) >= n):
-        build_cache(root, CachePlan("test", max(n, TEST_PLAN_SIZE), 0, tuple(preset.shape_zyx),
-                                    tuple(preset.spacing_xyz)))
-    cache = PhantomCache(root)
-    cache.records = cache.records[:n]
+    cache = held_out_cache(root, reader.model.preprocessing, n)
     spacing = cache.spacing_xyz
     volumes = [phantom_volume(np.asarray(cache.hu(i), dtype=np.float32), spacing) for i in range(len(cache))]
     return volumes, [r["report"] for r in cache.records], cache.label_matrix()
