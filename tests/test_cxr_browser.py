@@ -106,7 +106,9 @@ def test_chest_xray_upload_findings_studies_and_simulate(app_url, tmp_path_facto
         tab.locator("#cxr-report").get_by_text(chosen).wait_for()
         info = tab.locator(".block.ct-info")
         info.get_by_text(chosen).wait_for()
-        assert tab.locator(".block.ct-axial img").first.evaluate("e => e.naturalWidth") > 0
+        # its axial plane has loaded (waited for: on a busy machine the picture arrives after the info text)
+        page.wait_for_function("() => { const i = document.querySelector('#tab-cxr .block.ct-axial img');"
+                               " return i !== null && i.complete && i.naturalWidth > 0; }", timeout=60_000)
         page.screenshot(path=str(shots / "cxr_2_open_study.png"), full_page=True)
 
         # Simulate from the CT in the viewer (the study just opened): a new film is read.
