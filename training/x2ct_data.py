@@ -31,6 +31,7 @@ from tqdm import tqdm
 from engine.drr import DRR_RECIPE, DRRAugmentation, simulate_radiograph
 from engine.labels import LABELS
 from engine.models.cxr_encoder import prepare_radiograph
+from engine.phantom.render import PHANTOM_REVISION
 
 X2CT_TRAIN_SEED_BASE = 600_000
 FLUSH_EVERY_S = 600.0      # a cache build writes what it has made this often (seconds), so it resumes
@@ -48,6 +49,12 @@ class DRRPlan:
     view: str = "ap"
     seed_base: int = X2CT_TRAIN_SEED_BASE
     recipe: str = DRR_RECIPE         # engine.drr's physics and display: DRRs of another recipe are rebuilt
+    phantom_revision: int | None = None   # the phantom drawn (engine.phantom.PHANTOM_REVISION; None for CT-RATE):
+                                          # a cache of another revision is rebuilt
+
+    def __post_init__(self):
+        if self.source == "phantom" and self.phantom_revision is None:
+            self.phantom_revision = PHANTOM_REVISION
 
 
 def phantom_seed_base(split: str) -> int:
