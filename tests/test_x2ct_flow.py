@@ -152,6 +152,22 @@ def test_drrs_of_another_phantom_revision_are_rebuilt(run, tmp_path):
         assert _studies_to_keep(old, plan, model_id) == 0
 
 
+def test_two_rendering_workers_encode_as_the_main_process_does(run, tmp_path):
+    """With 2 workers each worker renders, makes the DRRs AND encodes with its own copy of the frozen CT CLIP (the
+    encoding is most of a study's cost); the cache equals the one the main process encodes alone (workers=1)."""
+    from training.train_x2ct import load_ctclip, X2CTTrainConfig
+    from training.x2ct_data import DRRPlan, build_split
+
+    pipeline = load_ctclip(X2CTTrainConfig())
+    plan = DRRPlan(split="train", n_studies=3, n_views=1, seed_base=600_000)
+    alone = build_split(tmp_path / "alone", plan, pipeline, workers=1)
+    pooled = build_split(tmp_path / "pooled", plan, pipeline, workers=2)
+    assert np.array_equal(np.load(alone / "drrs.npy"), np.load(pooled / "drrs.npy"))
+    for name in ("ct", "report"):
+        a = np.load(next(alone.glob("latents-*.npz")))[name]
+        assert a.shape[0] == 3 and np.allclose(a, np.load(next(pooled.glob("latents-*.npz")))[name], atol=1e-5)
+
+
 class _StopsAfter:
     """The frozen CT CLIP, interrupted (as Ctrl-C or a session's end would) at its `n`-th volume."""
 
