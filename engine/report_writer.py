@@ -735,4 +735,48 @@ def write_brief_report(findings: list[Finding], rng: np.random.Generator) -> Rep
                   impression=_impression_text(findings, rng))
 
 
+# absent findings a typed prompt may negate: normal statements (each written only when none of its labels is drawn)
+_TYPED_NEGATION_KEYS = ("heart", "pericardium", "pleura", "pleura_pericardium", "lymph", "esophagus", "no_arterial",
+                        "no_coronary", "aeration", "no_lesion", "no_nodule", "no_infiltrate")
+
+
+def _typed_negations(drawn: set[str], rng, count: int) -> list[str]:
+    """Up to `count` short statements that absent findings are absent (never one contradicting a drawn label)."""
+    options = [s for key in _TYPED_NEGATION_KEYS for s in _normal(key, drawn, rng)]
+    options += [_pick(rng, negations) for label, negations in _OPTIONAL_LUNG_NEGATIONS.items() if label not in drawn]
+    if not options or count <= 0:
+        return []
+    return [options[i] for i in rng.permutation(len(options))[:count]]
+
+
+def write_typed_prompt(findings: list[Finding], rng: np.random.Generator) -> str:
+    """A prompt as people type one (the Generate tab's box, a search box), stating exactly the drawn labels, in one of
+    five shapes: the impression's noun phrases as sentences ("Right pleural effusion. Cardiomegaly."), the same in one
+    sentence joined by "and", each finding's sentence (describe_finding) in any order, those sentences mixed with one
+    to three statements that absent findings are absent ("Heart size is within normal limits."), or the brief report
+    (write_brief_report) with such statements added. A study with no finding gets normal statements only. Written for
+    the text reader's fit (training/ctclip_text_reading.py), which must read short prompts, not only whole reports."""
+    findings = _check(findings)
+    drawn = {f.label for f in findings}
+    if not findings:
+        normal = [_pick(rng, _BRIEF_NORMAL)] if _chance(rng, 0.5) else []
+        normal += _typed_negations(drawn, rng, 1 + int(rng.integers(3)))
+        return " ".join(_sentence(x) for x in normal)
+    ordered = [findings[i] for i in rng.permutation(len(findings))]
+    shape = int(rng.integers(5))
+    if shape == 0:
+        return " ".join(_sentence(_cap(_impression_item(f, rng))) for f in ordered)
+    if shape == 1:
+        return _sentence(_cap(_join([_impression_item(f, rng) for f in ordered])))
+    if shape == 2:
+        return " ".join(describe_finding(f, rng) for f in ordered)
+    negations = _typed_negations(drawn, rng, 1 + int(rng.integers(3)))
+    if shape == 3:
+        sentences = [describe_finding(f, rng) for f in ordered] + [_sentence(x) for x in negations]
+        return " ".join(sentences[i] for i in rng.permutation(len(sentences)))
+    brief = write_brief_report(findings, rng)
+    return Report(findings=" ".join([brief.findings] + [_sentence(x) for x in negations]),
+                  impression=brief.impression).text
+
+
 from engine.report_queries import write_query  # noqa: E402,F401  (the short queries: their own module)

@@ -202,8 +202,8 @@ def dictation_reading(pipeline, speech: np.ndarray, text: np.ndarray, labels: np
         return {k: v for k, v in reading_measures(read(latents, rule), labels).items() if k != "per_label_auroc"}
 
     return {"n": int(len(labels)), "reader": "text_reading.json" if pipeline.text_reader is not None else None,
-            "speech": measured(speech, pipeline.text_reading_from_latent),
-            "text": measured(text, pipeline.text_reading_from_latent),
+            "speech": measured(speech, lambda latent: pipeline.text_reading_from_latent(latent, source="speech")),
+            "text": measured(text, lambda latent: pipeline.text_reading_from_latent(latent, source="speech")),
             "speech_image_rule": measured(speech, pipeline.zero_shot_from_latent)}
 
 

@@ -121,25 +121,39 @@ class CTClipPipeline:
 
     @cached_property
     def text_reader(self):
-        """The checkpoint's reader of text and speech latents (engine.text_reading.TextReader), or None when its
-        folder has none (or one fitted for other weights or prompts)."""
+        """The checkpoint's prompt-feature reader (engine.text_reading.TextReader: speech latents, and text when the
+        folder has no latent reader), or None when its folder has none (or one fitted for other weights or prompts)."""
         from engine.models.ctclip import all_zero_shot_prompts
         from engine.text_reading import TextReader
 
         return TextReader.load(self.directory, self.model_id, all_zero_shot_prompts())
 
-    def text_reading_from_latent(self, text_latent: np.ndarray) -> dict[str, float]:
-        """P(stated) per label of a report's text latent, or of a speech latent distilled from one: the latent's
-        cosines to the 36 cached prompt latents through the checkpoint's text reader (engine/text_reading.py: the
-        image rule alone marks most labels present on a text latent). Without a reader, the uncalibrated image
-        rule (check `text_reader is None` before presenting it as what the text states)."""
+    @cached_property
+    def latent_reader(self):
+        """The checkpoint's reader of typed and written text (engine.text_reading.LatentReader), or None."""
+        from engine.text_reading import LatentReader
+
+        return LatentReader.load(self.directory, self.model_id, int(self.prompt_latents.shape[-1]))
+
+    def text_reading_from_latent(self, latent: np.ndarray, source: str = "text") -> dict[str, float]:
+        """P(stated) per label of a latent: source "text", a typed or written report's own text latent (the latent
+        reader; the prompt-feature reader when the folder has no latent reader); "speech", a speech latent distilled
+        from one (the prompt-feature reader: the latent reader over-reads speech latents, engine/text_reading.py).
+        Without a prompt-feature reader, the uncalibrated image rule (check `text_reader is None` before presenting it
+        as what the text states)."""
         from engine.text_reading import prompt_features
 
+        if source not in ("text", "speech"):
+            raise ValueError(f"source must be 'text' or 'speech', not {source!r}")
         reader = self.text_reader
         if reader is None:
-            return self.zero_shot_from_latent(text_latent)
-        features = prompt_features(text_latent, self.prompt_latents, float(self.model.logit_scale.detach()))
-        return {label: float(p) for label, p in zip(LABELS, reader.probabilities(features)[0])}
+            return self.zero_shot_from_latent(latent)
+        if source == "text" and self.latent_reader is not None:
+            probabilities = self.latent_reader.probabilities(latent)[0]
+        else:
+            features = prompt_features(latent, self.prompt_latents, float(self.model.logit_scale.detach()))
+            probabilities = reader.probabilities(features)[0]
+        return {label: float(p) for label, p in zip(LABELS, probabilities)}
 
     @cached_property
     def zero_shot_thresholds(self) -> dict[str, float]:
