@@ -138,7 +138,8 @@ class CTClipPipeline:
     def text_reading_from_latent(self, latent: np.ndarray, source: str = "text") -> dict[str, float]:
         """P(stated) per label of a latent: source "text", a typed or written report's own text latent (the latent
         reader; the prompt-feature reader when the folder has no latent reader); "speech", a speech latent distilled
-        from one (the prompt-feature reader: the latent reader over-reads speech latents, engine/text_reading.py).
+        from one (the prompt-feature reader, with which the speech figures were measured: on spoken text neither
+        reader was clearly better, engine/text_reading.py).
         Without a prompt-feature reader, the uncalibrated image rule (check `text_reader is None` before presenting it
         as what the text states)."""
         from engine.text_reading import prompt_features

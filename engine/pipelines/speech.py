@@ -93,7 +93,8 @@ class SpeechPipeline:
 
     def findings(self, latent: np.ndarray) -> dict[str, float]:
         """P(stated) of the 18 labels read from the speech latent against the CT CLIP's cached prompt latents by its
-        text reader (CTClipPipeline.text_reading_from_latent: the speech latent is distilled from the text latent)."""
+        prompt-feature reader (CTClipPipeline.text_reading_from_latent, source "speech": the speech latent is
+        distilled from the text latent)."""
         return self.ctclip.text_reading_from_latent(latent, source="speech")
 
 
