@@ -282,7 +282,9 @@ def _extract_list(sentence: str) -> set[str]:
 def test_typed_prompts_state_exactly_the_drawn_labels_in_every_shape(shared_data):
     """The typed style (the text reader's fit: prompts as people type them): over 400 CT-RATE label rows the
     independent extractor reads back exactly the drawn labels, whichever of the five shapes was drawn and whatever
-    negations of absent findings were added; all five shapes occur, and a normal study's prompt states nothing."""
+    negations of absent findings were added; the shapes occur, told apart as headed (the brief report), negated,
+    one sentence and several sentences (the two shapes of several sentences look alike), at least 20 times each, and
+    a normal study's prompt states nothing."""
     table = pd.read_csv(shared_data / "ctrate_labels" / "train_predicted_labels.csv", nrows=400)
     rng = np.random.default_rng(12)
     rows = [[label for label, v in zip(LABELS, row) if v] for row in table[list(LABELS)].to_numpy()]
