@@ -142,12 +142,17 @@ def test_a_spoken_prompt_row_must_score_the_training_cts_as_its_prompt_text_does
     assert sorted(map(tuple, ct_bank(items).tolist())) == sorted([tuple(a.tolist()), tuple(b.tolist())])
 
 
-def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
+def test_training_prompts_are_every_training_voice_and_no_evaluation_voice(monkeypatch, tmp_path):
     """36 prompts x 14 Kokoro training voices and x 6 espeak-ng training voices, speeds in [0.9, 1.1]; the
-    evaluation's voice never reads one; a run without distillation (or with --no-spoken-prompts) plans none."""
+    evaluation's voice never reads one; a run without distillation (or with --no-spoken-prompts) plans none.
+    The phantom splits' plan is replaced by an empty one: only the prompt phases are asked about here, and the real
+    plan would render 400 phantoms (it once did, into the directory this test passed)."""
+    import training.train_speech as train_speech
     from engine.models.ctclip import all_zero_shot_prompts
     from training.speech_data import ESPEAK_TRAIN_VOICES, EVAL_VOICES, TRAIN_VOICES
     from training.train_speech import prompt_training_clips, training_phases
+
+    monkeypatch.setattr(train_speech, "split_plan", lambda *args, **kwargs: (None, [], []))
 
     prompts = all_zero_shot_prompts()
     kokoro, espeak = prompt_training_clips("kokoro"), prompt_training_clips("espeak")
@@ -164,7 +169,7 @@ def test_training_prompts_are_every_training_voice_and_no_evaluation_voice():
     assert len({tuple(p) for p in pairs}) == 14 and len({c.key for c in blended}) == 36 * 28
     for cfg in (SpeechTrainConfig(n_real_studies=0, distill_weight=0.0),
                 SpeechTrainConfig(n_real_studies=0, spoken_prompts=False)):
-        phases = dict(training_phases(cfg, Path("/nonexistent"), progress=False)[2:4])
+        phases = dict(training_phases(cfg, tmp_path, progress=False)[2:4])
         assert phases == {"espeak-ng zero-shot prompts": [], "zero-shot prompts (Kokoro, training)": []}
 
 
