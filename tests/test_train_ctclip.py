@@ -68,6 +68,26 @@ def test_cache_resumes_after_interruption(tiny_cache, tmp_path, shared_data):
         build_cache(root, CachePlan("train", 5, 2, TINY_SHAPE, TINY_SPACING), workers=1, progress=False)
 
 
+def test_cache_of_another_phantom_revision_is_refused(tiny_cache, tmp_path):
+    """A cache records the phantom revision that drew it; readers and a resume refuse another one (the same seed now
+    draws another picture), with one sentence. A meta.json without the field is revision 1, before it was kept."""
+    from engine.errors import UserError
+    from engine.phantom import PHANTOM_REVISION
+
+    root = tmp_path / "train"
+    root.mkdir()
+    for name in ("volumes.npy", "studies.jsonl"):
+        (root / name).write_bytes((tiny_cache / name).read_bytes())
+    meta = json.loads((tiny_cache / "meta.json").read_text())
+    assert meta["plan"]["phantom_revision"] == PHANTOM_REVISION
+    del meta["plan"]["phantom_revision"]
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="revision 1, and the phantom now draws revision"):
+        PhantomCache(root)
+    with pytest.raises(UserError, match="delete the directory"):
+        build_cache(root, CachePlan("train", 4, 2, TINY_SHAPE, TINY_SPACING), workers=1, progress=False)
+
+
 def test_test_split_seeds_are_disjoint():
     train, test = CachePlan("train", 300_000), CachePlan("test", 300)
     assert train.job(299_999)["seed"] < REAL_SEED_BASE

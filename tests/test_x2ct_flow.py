@@ -128,6 +128,46 @@ def test_a_larger_plan_extends_the_cache_and_equals_a_fresh_build(run, tmp_path)
     assert json.loads((extended / "studies.json").read_text()) == json.loads((fresh / "studies.json").read_text())
 
 
+def test_drrs_of_another_phantom_revision_are_rebuilt(run, tmp_path):
+    """The DRR cache records the phantom revision that drew it: the same cache with revision 1 in its plan (or none,
+    as before the revision was kept) keeps no study, so build_split renders every one again."""
+    from engine.phantom import PHANTOM_REVISION
+    from training.train_x2ct import load_ctclip, X2CTTrainConfig
+    from training.x2ct_data import DRRPlan, _studies_to_keep
+
+    out, _ = run
+    model_id = load_ctclip(X2CTTrainConfig()).model_id
+    cached = out / "cache" / "train"
+    meta = json.loads((cached / "meta.json").read_text())
+    plan = DRRPlan(**meta["plan"])
+    assert plan.phantom_revision == PHANTOM_REVISION and DRRPlan(source="ctrate").phantom_revision is None
+    assert _studies_to_keep(cached, plan, model_id) == plan.n_studies
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("drrs.npy", "studies.json"):
+        (old / name).write_bytes((cached / name).read_bytes())
+    for stale in ({**meta["plan"], "phantom_revision": 1}, {k: v for k, v in meta["plan"].items()
+                                                              if k != "phantom_revision"}):
+        (old / "meta.json").write_text(json.dumps({"plan": stale}))
+        assert _studies_to_keep(old, plan, model_id) == 0
+
+
+def test_two_rendering_workers_encode_as_the_main_process_does(run, tmp_path):
+    """With 2 workers each worker renders, makes the DRRs AND encodes with its own copy of the frozen CT CLIP (the
+    encoding is most of a study's cost); the cache equals the one the main process encodes alone (workers=1)."""
+    from training.train_x2ct import load_ctclip, X2CTTrainConfig
+    from training.x2ct_data import DRRPlan, build_split
+
+    pipeline = load_ctclip(X2CTTrainConfig())
+    plan = DRRPlan(split="train", n_studies=3, n_views=1, seed_base=600_000)
+    alone = build_split(tmp_path / "alone", plan, pipeline, workers=1)
+    pooled = build_split(tmp_path / "pooled", plan, pipeline, workers=2)
+    assert np.array_equal(np.load(alone / "drrs.npy"), np.load(pooled / "drrs.npy"))
+    for name in ("ct", "report"):
+        a = np.load(next(alone.glob("latents-*.npz")))[name]
+        assert a.shape[0] == 3 and np.allclose(a, np.load(next(pooled.glob("latents-*.npz")))[name], atol=1e-5)
+
+
 class _StopsAfter:
     """The frozen CT CLIP, interrupted (as Ctrl-C or a session's end would) at its `n`-th volume."""
 

@@ -5,7 +5,9 @@ The cache (one directory per split) holds
   build keeps every volume it finished);
 - `studies.jsonl`: one JSON line per finished study, in completion order: {"index", "seed", "kind", "labels",
   "report", "query", "real_report"} ("kind" is "generated" or "real"; "real_report" only for real rows);
-- `meta.json`: the plan (grid, spacing, counts, seed ranges); a resume refuses a cache built with another plan.
+- `meta.json`: the plan (grid, spacing, counts, the phantom's revision, seed ranges); a resume refuses a cache built
+  with another plan, and every reader refuses one of another phantom revision (engine.phantom.PHANTOM_REVISION: the
+  same seed draws another picture).
 
 Seeds (every phantom is f(seed, findings), so disjoint seeds mean unseen studies):
 - generated training studies:        seeds TRAIN_SEED_BASE + i,        i in [0, 500_000)
@@ -39,7 +41,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from engine.errors import UserError
 from engine.labels import LABELS
+from engine.phantom.render import PHANTOM_REVISION
 from engine.settings import shared_data
 from engine.transforms import to_model_tensor
 from engine.volume import DEMO_SHAPE_ZYX, DEMO_SPACING_XYZ, Volume
@@ -68,6 +72,7 @@ class CachePlan:
     n_real: int = 0                 # first n_real rows of the real-report CSV (train only)
     shape_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX
     spacing_xyz: tuple[float, float, float] = DEMO_SPACING_XYZ
+    phantom_revision: int = PHANTOM_REVISION   # the phantom drawing the volumes (engine.phantom.PHANTOM_REVISION)
 
     def __post_init__(self):
         self.shape_zyx = tuple(int(v) for v in self.shape_zyx)
@@ -137,8 +142,6 @@ def _render(job: dict) -> tuple[dict, np.ndarray]:
     from engine.phantom import make_study
     from engine.report_writer import write_query
 
-    from engine.errors import UserError
-
     plan: CachePlan = _WORKER["plan"]
     real_text = None
     labels = None
@@ -198,6 +201,7 @@ def build_cache(root: Path, plan: CachePlan, workers: int = 2, real_csv: Path | 
     meta["plan"]["spacing_xyz"] = list(plan.spacing_xyz)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
+        check_phantom_revision(root, old)
         if old["plan"] != meta["plan"]:
             raise ValueError(f"{root} holds a cache built with another plan ({old['plan']}); use another directory")
         volumes = np.load(vol_path, mmap_mode="r+")
@@ -252,12 +256,22 @@ def held_out_cache(root: Path, preprocessing, n: int, plan_size: int = TEST_PLAN
     return cache
 
 
+def check_phantom_revision(root: Path, meta: dict) -> None:
+    """Refuse a cache of another phantom drawing (meta.json without the field: revision 1, before it was recorded)."""
+    revision = meta["plan"].get("phantom_revision", 1)
+    if revision != PHANTOM_REVISION:
+        raise UserError(f"{root} holds phantoms of revision {revision}, and the phantom now draws revision "
+                         f"{PHANTOM_REVISION} (engine/phantom/render.py): delete the directory or use another one, "
+                         "and the studies are rendered again")
+
+
 class PhantomCache:
     """Read side of a finished (or partly finished) cache: records in index order and the volume memmap."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.meta = json.loads((self.root / "meta.json").read_text())
+        check_phantom_revision(self.root, self.meta)
         self.volumes = np.load(self.root / "volumes.npy", mmap_mode="r")
         recs = read_records(self.root)
         self.records = [recs[i] for i in sorted(recs) if "failed" not in recs[i]]

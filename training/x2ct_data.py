@@ -31,6 +31,7 @@ from tqdm import tqdm
 from engine.drr import DRR_RECIPE, DRRAugmentation, simulate_radiograph
 from engine.labels import LABELS
 from engine.models.cxr_encoder import prepare_radiograph
+from engine.phantom.render import PHANTOM_REVISION
 
 X2CT_TRAIN_SEED_BASE = 600_000
 FLUSH_EVERY_S = 600.0      # a cache build writes what it has made this often (seconds), so it resumes
@@ -48,6 +49,12 @@ class DRRPlan:
     view: str = "ap"
     seed_base: int = X2CT_TRAIN_SEED_BASE
     recipe: str = DRR_RECIPE         # engine.drr's physics and display: DRRs of another recipe are rebuilt
+    phantom_revision: int | None = None   # the phantom drawn (engine.phantom.PHANTOM_REVISION; None for CT-RATE):
+                                          # a cache of another revision is rebuilt
+
+    def __post_init__(self):
+        if self.source == "phantom" and self.phantom_revision is None:
+            self.phantom_revision = PHANTOM_REVISION
 
 
 def phantom_seed_base(split: str) -> int:
@@ -66,8 +73,26 @@ def drr_views(volume, plan: DRRPlan, key_seed: int) -> np.ndarray:
     return np.stack(views).astype(np.float16)
 
 
+_WORKER: dict = {}          # a rendering worker's frozen CT CLIP (None: the main process encodes)
+
+
+def _phantom_worker_init(ctclip_dir: str | None, model_id: str | None) -> None:
+    """A rendering worker that also encodes its volumes with the frozen CT CLIP of `ctclip_dir` (one thread each):
+    encoding is most of a study's cost (about 1.5 s of 2.3 s for the demo token-feature encoder), so with it in the
+    workers both cores render and encode instead of the main process encoding every volume alone."""
+    torch.set_num_threads(1)
+    _WORKER["pipeline"] = None
+    if ctclip_dir:
+        from engine.pipelines.ctclip import CTClipPipeline
+
+        pipeline = CTClipPipeline.from_pretrained(ctclip_dir)
+        if pipeline.model_id == model_id:          # the same weights as the caller's, or the caller encodes
+            _WORKER["pipeline"] = pipeline
+
+
 def _phantom_study(job: tuple[dict, int]):
-    """Worker: render phantom `seed` and its DRRs -> (record, views, volume)."""
+    """Worker: render phantom `seed` and its DRRs -> (record, views, volume, CT latent or None). The latent comes
+    from the worker's own CT CLIP when it has one (the volume is then not sent back); else the caller encodes."""
     from engine.phantom import make_study
 
     plan_dict, seed = job
@@ -75,7 +100,10 @@ def _phantom_study(job: tuple[dict, int]):
     study = make_study(seed)
     labels = [int(name in study.labels) for name in LABELS]
     record = {"key": f"phantom-{seed}", "seed": seed, "labels": labels, "report": study.report.text}
-    return record, drr_views(study.volume, plan, seed), study.volume
+    pipeline = _WORKER.get("pipeline")
+    if pipeline is not None:
+        return record, drr_views(study.volume, plan, seed), None, pipeline.embed_volume(study.volume)
+    return record, drr_views(study.volume, plan, seed), study.volume, None
 
 
 def _ctrate_items(dataset, plan: DRRPlan, start: int = 0):
@@ -84,7 +112,7 @@ def _ctrate_items(dataset, plan: DRRPlan, start: int = 0):
     for i, name in enumerate(dataset.names[start: plan.n_studies], start=start):
         volume = load_volume(volume_path(dataset.root, name), dataset.metadata.loc[name])
         record = {"key": name, "labels": [int(v) for v in dataset.label_vector(i)], "report": dataset.text(i)}
-        yield record, drr_views(volume, plan, i), volume
+        yield record, drr_views(volume, plan, i), volume, None
 
 
 def build_split(root: Path, plan: DRRPlan, pipeline, workers: int = 1, ctrate=None) -> Path:
@@ -130,17 +158,20 @@ def _build_drrs(root: Path, plan: DRRPlan, pipeline, workers: int, ctrate, start
         ct_latents = list(np.load(root / f"ct-latents-{pipeline.model_id}.npy")[:start])
     if plan.source == "phantom":
         jobs = [(asdict(plan), plan.seed_base + i) for i in range(start, plan.n_studies)]
-        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        directory = getattr(pipeline, "directory", None)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_phantom_worker_init,
+                                            initargs=(str(directory) if directory else None,
+                                                      pipeline.model_id)) if workers > 1 else None
         items = pool.imap(_phantom_study, jobs) if pool else map(_phantom_study, jobs)
     else:
         pool, items = None, _ctrate_items(ctrate, plan, start)
     flushed = time.monotonic()
     try:
-        for record, drrs, volume in tqdm(items, total=plan.n_studies, initial=start, desc=f"DRRs ({plan.split})",
-                                         unit="study"):
+        for record, drrs, volume, latent in tqdm(items, total=plan.n_studies, initial=start,
+                                                 desc=f"DRRs ({plan.split})", unit="study"):
             records.append(record)
             views.append(drrs)
-            ct_latents.append(pipeline.embed_volume(volume))
+            ct_latents.append(latent if latent is not None else pipeline.embed_volume(volume))
             if time.monotonic() - flushed > flush_every_s and len(records) < plan.n_studies:
                 _write_studies(root, plan, records, views, ct_latents, pipeline.model_id)
                 flushed = time.monotonic()
@@ -178,7 +209,7 @@ def _build_latents(root: Path, plan: DRRPlan, pipeline, ctrate) -> None:
         ct = np.stack([pipeline.embed_volume(make_study(r["seed"], with_report=False).volume)
                        for r in tqdm(records, desc="CT latents", unit="study")])
     else:
-        ct = np.stack([pipeline.embed_volume(volume) for _, _, volume in _ctrate_items(ctrate, plan)])
+        ct = np.stack([pipeline.embed_volume(volume) for _, _, volume, _ in _ctrate_items(ctrate, plan)])
     texts = [r["report"] for r in records]      # chunks of 256 (a multiple of embed_texts' batch): the same batches
     report = np.concatenate([pipeline.embed_texts(texts[i:i + 256])
                              for i in tqdm(range(0, len(texts), 256), desc="report latents", unit="x256 reports")])

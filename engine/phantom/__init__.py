@@ -45,11 +45,11 @@ from engine.phantom.hu import HU, HU_BY_SEVERITY, HU_RANGE
 from engine.phantom.label_table import (build_label_sets_json, label_table_csv, load_label_table,
                                         sample_label_set)
 from engine.phantom.painters import PAINTERS
-from engine.phantom.render import (PhantomStudy, build_scene, finding_masks, make_study, phantom_masks,
+from engine.phantom.render import (PHANTOM_REVISION, PhantomStudy, build_scene, finding_masks, make_study, phantom_masks,
                                    render_phantom, render_scene, study_findings)
 
 __all__ = [
-    "AIRWAYS", "FOV_XYZ_MM", "HU", "HU_BY_SEVERITY", "HU_RANGE", "label_table_csv",
+    "AIRWAYS", "FOV_XYZ_MM", "PHANTOM_REVISION", "HU", "HU_BY_SEVERITY", "HU_RANGE", "label_table_csv",
     "MEDIASTINAL_VESSELS", "PAINTERS", "Anatomy", "Box", "Grid", "Heart", "PhantomStudy", "Tree",
     "build_label_sets_json", "build_scene", "finding_lung", "finding_masks", "finding_sides", "grow_tree", "heart_geometry",
     "load_label_table", "lung_inside_points", "lymph_station_centres", "make_study", "occupancy_volume",

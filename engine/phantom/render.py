@@ -24,6 +24,11 @@ from engine.phantom.scene import FindingsByLabel, Scene
 from engine.volume import DEMO_SHAPE_ZYX, Volume
 
 BLUR_SIGMA_ZYX = (0.35, 0.45, 0.45)   # the scanner's point-spread, voxels (z, y, x)
+# What a seed renders, as a number: raised whenever a drawing changes, so that every cache of rendered phantoms
+# (training/ctclip_data.CachePlan, training/x2ct_data.DRRPlan) records which phantom it holds and refuses or rebuilds
+# another. 1: the phantom up to 2026-12-01; 2: fibrotic sequelae drawn as pleural-based bands with tags and
+# subpleural reticulation at every severity (painters.fibrotic_sequela).
+PHANTOM_REVISION = 2
 
 
 def build_scene(anat: Anatomy, grid: Grid, findings: list[Finding], seed: int, want_masks: bool = False) -> Scene:
