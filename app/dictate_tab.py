@@ -38,7 +38,7 @@ def _rank(speech: SpeechModels, ctclip: CTClipModels, latent: np.ndarray, k: int
     found = [r.to_json() for r in ctclip.library().search(latent, int(k))]
     pipeline = speech.pipeline()
     figure = zero_shot_figure(pipeline.findings(latent),
-                              title=text_reading_title(pipeline.ctclip.text_reader is not None))
+                              title=text_reading_title(pipeline.ctclip.text_reader is not None, spoken=True))
     return results_table(found, ctclip.library()), found, figure
 
 
@@ -104,7 +104,7 @@ def dictate_tab(ctclip: CTClipModels, speech: SpeechModels, demo: gr.Blocks | No
                                  label="Closest CTs (click a row to open it)", elem_id="dictate-results")
         with gr.Column(scale=2):
             findings = gr.Plot(label="What the dictation says (read from the speech, not a transcript)",
-                               elem_id="dictate-findings")
+                               show_label=False, elem_id="dictate-findings")  # the figure's title says it
     viewer = ct_viewer()
     report = gr.Markdown("")
     session = gr.State(None)

@@ -36,12 +36,16 @@ OUT_OF_DISTRIBUTION = ("This scan does not look like the phantoms the demo model
 
 ZERO_SHOT_TITLE = "CT CLIP zero-shot reading: P(present) per label"
 TEXT_READING_TITLE = "What the text states: P(stated) per label, read from its latent"
+SPEECH_READING_TITLE = ("What the dictation states: P(stated) per label"
+                        "<br><sup>read from the speech itself, not from a transcript</sup>")
 UNCALIBRATED_TEXT_TITLE = "Zero-shot rule on a text latent (uncalibrated: most labels read high)"
 
 
-def text_reading_title(calibrated: bool) -> str:
+def text_reading_title(calibrated: bool, spoken: bool = False) -> str:
     """The title of a text or speech latent's bars: what it states, or a warning when the CT CLIP has no reader."""
-    return TEXT_READING_TITLE if calibrated else UNCALIBRATED_TEXT_TITLE
+    if not calibrated:
+        return UNCALIBRATED_TEXT_TITLE
+    return SPEECH_READING_TITLE if spoken else TEXT_READING_TITLE
 
 
 def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
@@ -77,7 +81,8 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
             hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
     fig.update_layout(
-        height=110 + 20 * len(labels), margin=dict(l=10, r=40, t=64 if (truth or marked) else 40, b=10),
+        height=110 + 20 * len(labels),   # top margin: the title's lines, and the legend's row under them
+        margin=dict(l=10, r=40, t=40 + 16 * title.count("<br>") + (24 if (truth or marked) else 0), b=10),
         barmode="overlay",
         bargap=0.25, title=dict(text=title
                                 + (" (out of distribution: not findings)" if out_of_distribution else ""),

@@ -74,6 +74,42 @@ def test_decoder_only_fine_tuning_keeps_the_latents_and_trains_the_decoder(train
     assert run_config["model"] == json.loads(json.dumps(old.config.to_dict())) and run_config["decoder_only"] is True
 
 
+def test_adversarial_terms_train_each_side_only(trained):
+    """--adversarial-weight: the generator term moves the autoencoder and never the discriminator (its gradient in
+    the discriminator is the same whatever the weight), the discriminator term moves only the discriminator."""
+    from training.train_vae import VAEStep
+
+    root, _, _, _, _ = trained
+    unit = torch.rand(2, 1, *TINY_SHAPE)
+    grads = {}
+    for weight in (0.1, 10.0):
+        vae = CTAutoencoder.from_pretrained(root / "vae" / "model")
+        torch.manual_seed(0)
+        step = VAEStep(vae, 1e-6, adversarial_weight=weight, discriminator_channels=8, discriminator_layers=1)
+        loss, logs = step(unit)
+        loss.backward()
+        assert logs["adv_g"] > 0 and logs["adv_d"] > 0
+        grads[weight] = ([p.grad.clone() for p in step.discriminator.parameters()],
+                         [p.grad.clone() for p in vae.network.decoder.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0.1][0], grads[10.0][0]))
+    assert not all(torch.allclose(a, b) for a, b in zip(grads[0.1][1], grads[10.0][1]))
+
+
+def test_adversarial_run_resumes_with_its_discriminator(trained):
+    """The discriminator is part of the run (checkpointed, resumed) and not of the exported autoencoder."""
+    from safetensors.torch import load_file
+
+    root, _, vae_cfg, _, _ = trained
+    cfg = replace(vae_cfg, adversarial_weight=0.1, discriminator_channels=8, discriminator_layers=1, steps=2)
+    train_vae(cfg, root / "vae-adv", cache_root=root / "cache", progress=False)
+    ckpt = torch.load(root / "vae-adv" / "ckpt.pt", weights_only=False)
+    assert any(k.startswith("discriminator.") for k in ckpt["model"])
+    assert train_vae(replace(cfg, steps=3), root / "vae-adv", cache_root=root / "cache", resume=True,
+                     progress=False)["steps"] == 3
+    exported = load_file(str(root / "vae-adv" / "model" / "model.safetensors"))
+    assert exported and not any("discriminator" in k for k in exported)
+
+
 def test_decoder_only_without_a_start_says_so(tmp_path):
     from engine.errors import UserError
 
@@ -94,6 +130,25 @@ def test_ldm_latents_are_computed_once_and_set_the_scale_factor(trained):
     unet = DiffusionUNet.from_pretrained(root / "ldm" / "model")
     assert unet.config.scale_factor == pytest.approx(summary["scale_factor"], rel=1e-6)
     assert unet.config.context_dim == 32 and unet.config.context_encoder == "ctclip"
+
+
+def test_the_unet_takes_its_latent_channels_from_the_autoencoder(trained):
+    """An autoencoder with another latent width (`vae --latent-channels`): the LDM trainer sizes the U-Net's input and
+    output to the latents it encoded, whatever its preset said, and the exported generator samples that shape."""
+    root, ctclip, vae_cfg, _, _ = trained
+    wide = replace(vae_cfg, model=replace(vae_cfg.model, latent_channels=6))
+    cache = root / "cache-wide"  # its own latent cache: the fixture's holds exactly one latents file
+    train_vae(wide, root / "vae-wide", cache_root=cache, progress=False)
+    ldm_cfg = replace(LDMTrainConfig.demo(), model=tiny_unet_config(), **TINY_RUN)
+    assert ldm_cfg.model.latent_channels == 4
+    train_ldm(ldm_cfg, root / "ldm-wide", root / "vae-wide" / "model", ctclip=ctclip, cache_root=cache,
+              progress=False)
+    unet = DiffusionUNet.from_pretrained(root / "ldm-wide" / "model")
+    assert unet.config.latent_channels == 6 and tuple(unet.config.latent_shape) == (6, 4, 8, 8)
+    export_generator(root / "vae-wide" / "model", root / "ldm-wide" / "model", root / "gen-wide")
+    pipe = GeneratePipeline.from_pretrained(root / "gen-wide", ctclip=ctclip)
+    volume = pipe.generate("Small left pleural effusion.", steps=2, seed=0).volume
+    assert volume.array.shape == TINY_SHAPE
 
 
 def test_study_indices_spread_over_the_cache():

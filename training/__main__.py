@@ -114,6 +114,10 @@ def _vae(args) -> int:
     cfg = _generator_overrides(VAETrainConfig.demo() if args.preset == "demo" else VAETrainConfig.paper(), args)
     overrides = {k: v for k, v in {"init_from": args.init_from, "crop_zyx": args.crop}.items() if v}
     cfg = replace(cfg, decoder_only=bool(args.decoder_only), **overrides)
+    if args.latent_channels:
+        cfg = replace(cfg, model=replace(cfg.model, latent_channels=args.latent_channels))
+    if args.adversarial_weight is not None:
+        cfg = replace(cfg, adversarial_weight=args.adversarial_weight)
     out = Path(args.out or default_run("vae", cfg.preset))
     print(json.dumps(train_vae(cfg, out, cache_root=args.cache, resume=args.resume)))
     return 0
@@ -168,6 +172,11 @@ def _add_generator_stages(sub) -> None:
             p.add_argument("--decoder-only", action="store_true",
                            help="freeze the encoder and train the decoder on its posterior means, so an existing "
                            "U-Net's latents stay valid (needs --init-from)")
+            p.add_argument("--latent-channels", type=int,
+                           help="channels of the latent (demo default 8; its grid is the volume's / 8 per axis)")
+            p.add_argument("--adversarial-weight", type=float,
+                           help="train a 3-D patch discriminator alongside, its least-squares generator term at this "
+                           "weight (MAISI: 0.1; default 0 = L1 + KL only)")
             p.add_argument("--crop", type=_int_list, metavar="Z,Y,X",
                            help="voxels per training crop (demo default 32,64,64; 64,128,128 = whole volumes)")
         if stage == "ldm":

@@ -208,6 +208,7 @@ def train_ldm(cfg: LDMTrainConfig, out_dir: Path, vae_dir: Path, ctclip=None, ca
                                          cache_dir / f"contexts-{encoder_id}-{len(cache)}-{len(indices)}.pt")
     scale = float(stored["scale_factor"])
     model_config = replace(cfg.model, scale_factor=scale, context_dim=int(stored["text"].shape[1]),
+                           latent_channels=int(stored["latents"].shape[1]),
                            latent_shape=tuple(stored["latents"].shape[1:]), image_spacing=cache.spacing_xyz)
     cfg = replace(cfg, model=model_config)
     loop.write_run_config(asdict(cfg))

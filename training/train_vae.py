@@ -61,6 +61,11 @@ class VAETrainConfig:
     grid_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX  # phantom render grid over the demo field of view
     init_from: str = ""  # an autoencoder folder to start from ("" = fresh weights of `model`)
     decoder_only: bool = False  # freeze the encoder, train the decoder on its posterior means (needs init_from)
+    # > 0: a 3-D patch discriminator (MONAI PatchDiscriminator, least-squares PatchAdversarialLoss, as MAISI's
+    # autoencoder training) trained alongside, its generator term added to the loss at this weight (MAISI: 0.1)
+    adversarial_weight: float = 0.0
+    discriminator_channels: int = 32
+    discriminator_layers: int = 3  # stride-2 layers (MAISI: 3; each halves the grid, so crops need >= 32 voxels)
 
     @classmethod
     def demo(cls) -> "VAETrainConfig":
@@ -109,23 +114,51 @@ class PhantomCrops(torch.utils.data.Dataset):
 
 
 class VAEStep(nn.Module):
-    """forward(batch (B, 1, z, y, x) in [0, 1]) -> (L1 + kl_weight * KL, {"l1", "kl"}). decoder_only: the frozen
-    encoder's posterior mean (what a U-Net's latents are) decoded, loss L1 alone (the KL has no gradient then)."""
+    """forward(batch (B, 1, z, y, x) in [0, 1]) -> (L1 + kl_weight * KL [+ adversarial terms], logs). decoder_only: the
+    frozen encoder's posterior mean (what a U-Net's latents are) decoded, no KL (it has no gradient then).
 
-    def __init__(self, vae: CTAutoencoder, kl_weight: float, decoder_only: bool = False):
+    With a discriminator (adversarial_weight > 0) one backward pass trains both sides through the loop's one
+    optimizer: the generator term reads the reconstruction with the discriminator's parameters detached
+    (torch.func.functional_call), so it moves only the autoencoder; the discriminator's own least-squares term reads
+    the real batch and the detached reconstruction, so it moves only the discriminator. Written by hand because the
+    training loop steps one optimizer per step; the two terms touch disjoint parameters, so one step is the usual two."""
+
+    def __init__(self, vae: CTAutoencoder, kl_weight: float, decoder_only: bool = False,
+                 adversarial_weight: float = 0.0, discriminator_channels: int = 32, discriminator_layers: int = 3):
         super().__init__()
         self.vae, self.kl_weight, self.decoder_only = vae, kl_weight, decoder_only
+        self.adversarial_weight = adversarial_weight
+        self.discriminator = None
+        if adversarial_weight > 0:
+            from monai.losses import PatchAdversarialLoss
+            from monai.networks.nets import PatchDiscriminator
+            self.discriminator = PatchDiscriminator(spatial_dims=3, channels=discriminator_channels, in_channels=1,
+                                                    out_channels=1, num_layers_d=discriminator_layers,
+                                                    norm="INSTANCE")
+            self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def forward(self, unit: torch.Tensor):
         if self.decoder_only:
             with torch.no_grad():
                 mu = self.vae.encode(unit)
-            l1 = (self.vae.decode(mu) - unit).abs().mean()
-            return l1, {"l1": float(l1.detach()), "kl": 0.0}
-        reconstruction, mu, sigma = self.vae(unit)
+            reconstruction, kl = self.vae.decode(mu), None
+        else:
+            reconstruction, mu, sigma = self.vae(unit)
+            kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * torch.log(sigma.clamp_min(1e-8)) - 1).sum(dim=1).mean()
         l1 = (reconstruction - unit).abs().mean()
-        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 2 * torch.log(sigma.clamp_min(1e-8)) - 1).sum(dim=1).mean()
-        return l1 + self.kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        loss = l1 if kl is None else l1 + self.kl_weight * kl
+        logs = {"l1": float(l1.detach()), "kl": 0.0 if kl is None else float(kl.detach())}
+        if self.discriminator is not None:
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            fooled = torch.func.functional_call(self.discriminator, frozen, (reconstruction,))[-1]
+            generator_term = self.adversarial_loss(fooled, target_is_real=True, for_discriminator=False)
+            real = self.discriminator(unit)[-1]
+            fake = self.discriminator(reconstruction.detach())[-1]
+            discriminator_term = 0.5 * (self.adversarial_loss(real, target_is_real=True, for_discriminator=True)
+                                        + self.adversarial_loss(fake, target_is_real=False, for_discriminator=True))
+            loss = loss + self.adversarial_weight * generator_term + discriminator_term
+            logs.update(adv_g=float(generator_term.detach()), adv_d=float(discriminator_term.detach()))
+        return loss, logs
 
 
 def freeze_encoder(vae: CTAutoencoder) -> None:
@@ -154,7 +187,8 @@ def train_vae(cfg: VAETrainConfig, out_dir: Path, cache_root: Path | None = None
     vae = vae.train().to(loop.dist.device)
     if cfg.decoder_only:
         freeze_encoder(vae)
-    step = VAEStep(vae, cfg.kl_weight, cfg.decoder_only)
+    step = VAEStep(vae, cfg.kl_weight, cfg.decoder_only, cfg.adversarial_weight, cfg.discriminator_channels,
+                   cfg.discriminator_layers)
 
     def save_model():
         vae.save_pretrained(out_dir / "model", half=False)
