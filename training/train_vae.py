@@ -8,8 +8,9 @@ they are rendered once for both; another plan gets cache/generator-demo/train) a
 network is fully convolutional: crops train the same weights 8x cheaper than whole volumes), loss = L1
 reconstruction + kl_weight x KL to N(0, I). Paper: Text2CT does not train its autoencoder, it uses MAISI's
 published one (engine/convert/text2ct.py loads it); this preset fine-tunes that architecture with MAISI's
-optimiser settings (Adam 1e-4) and the same L1 + KL terms. MAISI's perceptual and adversarial terms are not
-implemented here (they need pretrained feature networks this offline project does not have).
+optimiser settings (Adam 1e-4) and the same L1 + KL terms. MAISI's adversarial term is an option
+(`--adversarial-weight`: a 3-D patch discriminator trained from scratch alongside); its perceptual term is not
+implemented (it needs pretrained feature networks this offline project does not have).
 
 The run's model folder OUT/model (save_pretrained at every checkpoint) is what `python -m training ldm --vae` takes.
 
