@@ -17,7 +17,7 @@ from app.find_tab import (COLUMNS, open_clicked_results, results_table,
                           show_model_status)
 from app.models import CTClipModels, SpeechModels
 from app.viewer import ct_viewer
-from app.zeroshot_panel import text_reading_title, zero_shot_figure
+from app.zeroshot_panel import SPEECH_READING_SUBTITLE, text_reading_title, zero_shot_figure
 from engine.errors import UserError
 
 STREAM_EVERY_S = 1.0
@@ -38,7 +38,8 @@ def _rank(speech: SpeechModels, ctclip: CTClipModels, latent: np.ndarray, k: int
     found = [r.to_json() for r in ctclip.library().search(latent, int(k))]
     pipeline = speech.pipeline()
     figure = zero_shot_figure(pipeline.findings(latent),
-                              title=text_reading_title(pipeline.ctclip.text_reader is not None, spoken=True))
+                              title=text_reading_title(pipeline.ctclip.text_reader is not None, spoken=True),
+                              subtitle=SPEECH_READING_SUBTITLE)
     return results_table(found, ctclip.library()), found, figure
 
 

@@ -36,8 +36,8 @@ OUT_OF_DISTRIBUTION = ("This scan does not look like the phantoms the demo model
 
 ZERO_SHOT_TITLE = "CT CLIP zero-shot reading: P(present) per label"
 TEXT_READING_TITLE = "What the text states: P(stated) per label, read from its latent"
-SPEECH_READING_TITLE = ("What the dictation states: P(stated) per label"
-                        "<br><sup>read from the speech itself, not from a transcript</sup>")
+SPEECH_READING_TITLE = "What the dictation states: P(stated) per label"
+SPEECH_READING_SUBTITLE = "read from the speech itself, not from a transcript"
 UNCALIBRATED_TEXT_TITLE = "Zero-shot rule on a text latent (uncalibrated: most labels read high)"
 
 
@@ -50,14 +50,14 @@ def text_reading_title(calibrated: bool, spoken: bool = False) -> str:
 
 def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
                      thresholds: dict[str, float] | None = None, out_of_distribution: bool = False,
-                     title: str = ZERO_SHOT_TITLE) -> go.Figure:
+                     title: str = ZERO_SHOT_TITLE, subtitle: str | None = None) -> go.Figure:
     """18 horizontal bars, P(present) per label in CT-CLIP order (top to bottom), a dashed line at 0.5.
 
     With `truth` (label -> 0|1 from the study's report) the bars are coloured by it, so a user compares the model's
     reading with the report at a glance. With `thresholds` (label -> P, from the checkpoint's held-out evaluation)
     each bar carries a black tick where that label's decision line is: a bar past its tick reads "present".
     With `out_of_distribution` (the scan was flagged by the CT CLIP's check) every bar is grey, without threshold
-    ticks, and the title says the bars are not findings."""
+    ticks, and the title says the bars are not findings. `subtitle`: a smaller second line under the title."""
     labels = list(LABELS)
     probs = np.array([float(probabilities[label]) for label in labels])
     groups = ([("stated in the report", PRESENT_COLOUR, 1), ("not in the report", ABSENT_COLOUR, 0)] if truth
@@ -81,12 +81,13 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
             hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
     fig.update_layout(
-        height=110 + 20 * len(labels),   # top margin: the title's lines, and the legend's row under them
-        margin=dict(l=10, r=40, t=40 + 16 * title.count("<br>") + (24 if (truth or marked) else 0), b=10),
+        height=110 + 20 * len(labels),   # top margin: the title, its subtitle, and the legend's row under them
+        margin=dict(l=10, r=40, t=40 + (18 if subtitle else 0) + (24 if (truth or marked) else 0), b=10),
         barmode="overlay",
         bargap=0.25, title=dict(text=title
                                 + (" (out of distribution: not findings)" if out_of_distribution else ""),
                                 font=dict(size=14, color=GREYED_TEXT_COLOUR if out_of_distribution else None),
+                                subtitle=dict(text=subtitle or "", font=dict(size=11, color="#64748b")),
                                 x=0.01, y=0.99, yanchor="top"),
         xaxis=dict(range=[0, 1.1], tickformat=".0%", dtick=0.25, title=None, fixedrange=True),
         yaxis=dict(categoryorder="array", categoryarray=labels, autorange="reversed", title=None, fixedrange=True,

@@ -91,14 +91,15 @@ def test_findings_panel_carries_the_warnings_of_the_ct_reading(shared_data):
     assert note.visible is True and "not calibrated" in note.value
 
 
-def test_a_two_line_title_gets_the_room_it_needs():
-    """The dictation's bars carry a two-line title (what they are, and that no transcript is involved): the top
-    margin grows by a line, so the title does not run into the plot or the legend."""
-    from app.zeroshot_panel import SPEECH_READING_TITLE, TEXT_READING_TITLE, text_reading_title
+def test_a_subtitle_gets_the_room_it_needs():
+    """The dictation's bars carry a subtitle (no transcript is involved): the top margin grows by its line, so the
+    title stays inside the figure and does not run into the bars."""
+    from app.zeroshot_panel import SPEECH_READING_SUBTITLE, SPEECH_READING_TITLE, TEXT_READING_TITLE, text_reading_title
 
     probs = {label: 0.5 for label in LABELS}
     assert text_reading_title(True, spoken=True) == SPEECH_READING_TITLE
-    assert text_reading_title(True) == TEXT_READING_TITLE and "<br>" not in TEXT_READING_TITLE
-    one, two = zero_shot_figure(probs, title=TEXT_READING_TITLE), zero_shot_figure(probs, title=SPEECH_READING_TITLE)
-    assert two.layout.margin.t == one.layout.margin.t + 16
-    assert two.layout.title.text == SPEECH_READING_TITLE
+    assert text_reading_title(True) == TEXT_READING_TITLE
+    one = zero_shot_figure(probs, title=TEXT_READING_TITLE)
+    two = zero_shot_figure(probs, title=SPEECH_READING_TITLE, subtitle=SPEECH_READING_SUBTITLE)
+    assert two.layout.margin.t == one.layout.margin.t + 18
+    assert two.layout.title.subtitle.text == SPEECH_READING_SUBTITLE and not one.layout.title.subtitle.text
