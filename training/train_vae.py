@@ -122,7 +122,8 @@ class VAEStep(nn.Module):
     optimizer: the generator term reads the reconstruction with the discriminator's parameters detached
     (torch.func.functional_call), so it moves only the autoencoder; the discriminator's own least-squares term reads
     the real batch and the detached reconstruction, so it moves only the discriminator. Written by hand because the
-    training loop steps one optimizer per step; the two terms touch disjoint parameters, so one step is the usual two."""
+    training loop steps one optimizer per step; the two terms touch disjoint parameters, so one step is the usual two
+    (with one difference: the loop clips the gradient norm of both sides together, and both share the lr)."""
 
     def __init__(self, vae: CTAutoencoder, kl_weight: float, decoder_only: bool = False,
                  adversarial_weight: float = 0.0, discriminator_channels: int = 32, discriminator_layers: int = 3):
