@@ -76,23 +76,30 @@ def test_decoder_only_fine_tuning_keeps_the_latents_and_trains_the_decoder(train
 
 def test_adversarial_terms_train_each_side_only(trained):
     """--adversarial-weight: the generator term moves the autoencoder and never the discriminator (its gradient in
-    the discriminator is the same whatever the weight), the discriminator term moves only the discriminator."""
+    the discriminator is the same whatever the weight), the discriminator term moves only the discriminator (at a
+    vanishing weight the decoder's gradient is that of L1 + KL alone)."""
     from training.train_vae import VAEStep
 
     root, _, _, _, _ = trained
     unit = torch.rand(2, 1, *TINY_SHAPE)
     grads = {}
-    for weight in (0.1, 10.0):
+    for weight in (0.0, 1e-12, 0.1, 10.0):
         vae = CTAutoencoder.from_pretrained(root / "vae" / "model")
         torch.manual_seed(0)
         step = VAEStep(vae, 1e-6, adversarial_weight=weight, discriminator_channels=8, discriminator_layers=1)
+        torch.manual_seed(1)             # the same posterior sample for every weight
         loss, logs = step(unit)
         loss.backward()
+        decoder = [p.grad.clone() for p in vae.network.decoder.parameters()]
+        if weight == 0.0:
+            assert step.discriminator is None and "adv_g" not in logs
+            grads[weight] = ([], decoder)
+            continue
         assert logs["adv_g"] > 0 and logs["adv_d"] > 0
-        grads[weight] = ([p.grad.clone() for p in step.discriminator.parameters()],
-                         [p.grad.clone() for p in vae.network.decoder.parameters()])
+        grads[weight] = ([p.grad.clone() for p in step.discriminator.parameters()], decoder)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0.1][0], grads[10.0][0]))
     assert not all(torch.allclose(a, b) for a, b in zip(grads[0.1][1], grads[10.0][1]))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0.0][1], grads[1e-12][1]))
 
 
 def test_adversarial_run_resumes_with_its_discriminator(trained):
