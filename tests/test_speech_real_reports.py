@@ -10,9 +10,10 @@ what a random 10 does, and a one-sided Wilcoxon signed-rank test of (top 10 - ra
 above chance give p = 1/64; five of six give at most 0.05 only when the miss is the smallest difference).
 
 Skips while no trained speech encoder is shipped (tests/trained_speech.py). The clips (training/eval_speech.py
-real_report_clips: about 4 minutes of speech, a minute of CPU on a quiet machine) come from the training clip cache
-(cache/speech-demo/speech), where `python -m training speech --synthesis-only` makes them ahead; missing ones are
-made there on the first run.
+real_report_clips: about 4 minutes of speech, two minutes of both cores) are made once per machine into the
+engine's user cache (engine.settings.user_cache_dir()/speech, beside the converted Whisper weights and the Kokoro
+voice pack), so a fresh clone of the project does not pay for them again; the files are keyed by text, voice and
+speed (training.speech_data.Clip.key), so a changed report or voice is a new file, never a stale one.
 """
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]   # the first run on 
 def spoken_reports():
     """[(labels, 16 kHz samples)] of the held-out real reports, each read by an unseen Kokoro voice."""
     from engine.errors import UserError
-    from engine.settings import training_cache_dir
+    from engine.settings import user_cache_dir
     from training.eval_speech import real_report_clips
     from training.speech_data import SpeechSynthesizer
 
     trained_speech_dir()
     # both cores: on a clean machine this makes 223 s of Kokoro speech (measured 28.7 s -> 16.2 s a report with 2)
-    synthesizer = SpeechSynthesizer(training_cache_dir() / "speech-demo" / "speech", threads=2)
+    synthesizer = SpeechSynthesizer(user_cache_dir() / "speech", threads=2)
     try:
         return [(labels, synthesizer.load(clip)) for labels, clip in real_report_clips()]
     except UserError as err:         # Kokoro's weights not installed: the sentence says how

@@ -84,8 +84,9 @@ REAL_REPORT_MIN_LABELS = 2
 def real_report_clips(n: int = REAL_REPORTS_SPOKEN) -> list[tuple[set[str], object]]:
     """[(hand-set labels, Clip)] of the `n` shortest real CT-RATE reports with at least REAL_REPORT_MIN_LABELS labels,
     each read whole by a Kokoro voice of EVAL_VOICES (never trained on) at speed 1.0: the acceptance test's
-    dictations, made ahead by `python -m training speech --synthesis-only`. The speech training, which reads the
-    other real reports, holds these out (held_out_report_texts)."""
+    dictations (the test makes them once per machine into engine.settings.user_cache_dir()/speech; `python -m
+    training speech --synthesis-only` makes them into the training cache too). The speech training, which reads
+    the other real reports, holds these out (held_out_report_texts)."""
     from training.ctclip_data import load_real_reports
     from training.speech_data import EVAL_VOICES, Clip
 
