@@ -39,6 +39,20 @@ TEXT_READING_TITLE = "What the text states: P(stated) per label, read from its l
 SPEECH_READING_TITLE = "What the dictation states: P(stated) per label"
 SPEECH_READING_SUBTITLE = "read from the speech itself, not from a transcript"
 UNCALIBRATED_TEXT_TITLE = "Zero-shot rule on a text latent (uncalibrated: most labels read high)"
+WEAK_AUROC = 0.80             # a label whose held-out AUROC is below this is named under the chart
+FOOTNOTE_LABELS_PER_LINE = 3  # the footnote's labels per line, so it stays inside a narrow chart
+
+
+def weak_labels_footnote(auroc: dict[str, float] | None) -> str | None:
+    """The chart's footnote naming the labels the checkpoint's held-out test read least reliably (AUROC <
+    WEAK_AUROC), weakest first, e.g. "Read with care (held-out AUROC): Lymphadenopathy 0.73, Lung nodule 0.76";
+    a line break (plotly's <br>) after every FOOTNOTE_LABELS_PER_LINE labels; None when no label is weak."""
+    weak = sorted((a, label) for label, a in (auroc or {}).items() if a < WEAK_AUROC)
+    if not weak:
+        return None
+    named = [f"{label} {a:.2f}" for a, label in weak]
+    lines = [", ".join(named[i:i + FOOTNOTE_LABELS_PER_LINE]) for i in range(0, len(named), FOOTNOTE_LABELS_PER_LINE)]
+    return "Read with care (held-out AUROC): " + ",<br>".join(lines)
 
 
 def text_reading_title(calibrated: bool, spoken: bool = False) -> str:
@@ -50,16 +64,22 @@ def text_reading_title(calibrated: bool, spoken: bool = False) -> str:
 
 def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | None = None,
                      thresholds: dict[str, float] | None = None, out_of_distribution: bool = False,
-                     title: str = ZERO_SHOT_TITLE, subtitle: str | None = None) -> go.Figure:
+                     title: str = ZERO_SHOT_TITLE, subtitle: str | None = None,
+                     auroc: dict[str, float] | None = None) -> go.Figure:
     """18 horizontal bars, P(present) per label in CT-CLIP order (top to bottom), a dashed line at 0.5.
 
     With `truth` (label -> 0|1 from the study's report) the bars are coloured by it, so a user compares the model's
     reading with the report at a glance. With `thresholds` (label -> P, from the checkpoint's held-out evaluation)
     each bar carries a black tick where that label's decision line is: a bar past its tick reads "present".
     With `out_of_distribution` (the scan was flagged by the CT CLIP's check) every bar is grey, without threshold
-    ticks, and the title says the bars are not findings. `subtitle`: a smaller second line under the title."""
+    ticks, and the title says the bars are not findings. `subtitle`: a smaller second line under the title.
+    With `auroc` (label -> zero-shot AUROC on the checkpoint's held-out test) each bar's hover says how well that
+    label was read, and a footnote under the bars names the labels read least reliably (weak_labels_footnote; not
+    on a greyed chart, whose bars are not findings at all)."""
     labels = list(LABELS)
     probs = np.array([float(probabilities[label]) for label in labels])
+    auroc = auroc or {}
+    footnote = None if out_of_distribution else weak_labels_footnote(auroc)
     groups = ([("stated in the report", PRESENT_COLOUR, 1), ("not in the report", ABSENT_COLOUR, 0)] if truth
               else [("P(present)", UNKNOWN_COLOUR, None)])
     if out_of_distribution:     # keep the report's grouping (legend) but no colour that reads as a finding
@@ -72,7 +92,8 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             x=probs[keep], y=[labels[i] for i in keep], orientation="h", name=name, marker_color=colour,
             text=[f"{probs[i]:.0%}" for i in keep], textposition="outside", cliponaxis=False,
             textfont=dict(color=GREYED_TEXT_COLOUR) if out_of_distribution else None,
-            hovertemplate="%{y}: P(present) = %{x:.3f}<extra></extra>"))
+            customdata=[f"; held-out AUROC {auroc[labels[i]]:.2f}" if labels[i] in auroc else "" for i in keep],
+            hovertemplate="%{y}: P(present) = %{x:.3f}%{customdata}<extra></extra>"))
     fig.add_vline(x=0.5, line_dash="dash", line_color="#64748b", line_width=1)
     marked = [label for label in labels if thresholds and label in thresholds]
     if marked:
@@ -80,9 +101,12 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             x=[thresholds[label] for label in marked], y=marked, mode="markers", name="decision threshold",
             marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
             hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
+    footnote_room = 28 + 16 * footnote.count("<br>") if footnote else 0     # px under the x axis's tick labels
     fig.update_layout(
-        height=110 + 20 * len(labels),   # top margin: the title, its subtitle, and the legend's row under them
-        margin=dict(l=10, r=40, t=40 + (18 if subtitle else 0) + (24 if (truth or marked) else 0), b=10),
+        height=110 + 20 * len(labels) + footnote_room,
+        # top margin: the title, its subtitle, and the legend's row under them
+        margin=dict(l=10, r=40, t=40 + (18 if subtitle else 0) + (24 if (truth or marked) else 0),
+                    b=10 + footnote_room),
         barmode="overlay",
         bargap=0.25, title=dict(text=title
                                 + (" (out of distribution: not findings)" if out_of_distribution else ""),
@@ -95,6 +119,10 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=12)),
         showlegend=bool(truth) or bool(marked), plot_bgcolor="white", paper_bgcolor="white")
     fig.update_xaxes(showgrid=True, gridcolor="#e2e8f0")
+    if footnote:        # under the x axis's tick labels, in the bottom margin made for it above
+        fig.add_annotation(text=footnote, xref="paper", yref="paper", x=0, y=0, xanchor="left", yanchor="top",
+                           yshift=-22, showarrow=False, align="left", font=dict(size=11, color="#64748b"),
+                           name="weak labels")
     return fig
 
 
@@ -137,7 +165,8 @@ def read_findings(models: CTClipModels, volume, truth: dict | None = None):
         probabilities, check = pipeline.zero_shot_checked(volume)
     except UserError as err:
         return gr.Markdown(str(err), visible=True), gr.Plot(value=None, visible=False)
-    figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds, out_of_distribution=check.flagged)
+    figure = zero_shot_figure(probabilities, truth, pipeline.zero_shot_thresholds, out_of_distribution=check.flagged,
+                              auroc=pipeline.zero_shot_auroc)
     sentences = [f"Caution: {w}" for w in reading_caveats(volume)]
     if check.flagged:
         sentences.append(OUT_OF_DISTRIBUTION)

@@ -36,16 +36,67 @@ def test_zero_shot_figure_marks_each_labels_threshold():
     assert fig.layout.showlegend
 
 
-def test_pipeline_reads_the_thresholds_of_its_checkpoint(tmp_path):
+def test_pipeline_reads_the_thresholds_and_aurocs_of_its_checkpoint(tmp_path):
     import json
     from engine.pipelines.ctclip import CTClipPipeline
     pipe = CTClipPipeline.__new__(CTClipPipeline)
     pipe.directory = tmp_path
-    assert pipe.zero_shot_thresholds == {}                        # no metrics.json: no ticks, no error
-    per_label = {label: {"threshold": 0.5 + i / 100} for i, label in enumerate(LABELS)}
+    assert pipe.zero_shot_thresholds == {} and pipe.zero_shot_auroc == {}    # no metrics.json: no ticks, no error
+    per_label = {label: {"threshold": 0.5 + i / 100, "auroc": 0.6 + i / 50} for i, label in enumerate(LABELS)}
+    del per_label[LABELS[3]]["auroc"]                             # a label the evaluation could not score
     (tmp_path / "metrics.json").write_text(json.dumps({"zero_shot": {"per_label": per_label}}))
-    del pipe.zero_shot_thresholds                                 # cached_property: read again
+    del pipe.zero_shot_thresholds, pipe.zero_shot_auroc           # cached_property: read again
     assert pipe.zero_shot_thresholds == {label: per_label[label]["threshold"] for label in LABELS}
+    assert pipe.zero_shot_auroc == {label: 0.6 + i / 50 for i, label in enumerate(LABELS) if i != 3}
+
+
+def test_the_labels_read_least_reliably_are_named_under_the_bars():
+    """Hand-worked: of AUROCs 0.7255, 0.757, 0.80 and 0.95, the two under 0.80 are named, weakest first, rounded to two
+    places; 0.80 itself is not weak. Four weak labels take two lines (three a line). The footnote gets its own room
+    under the bars (the bars keep their height); each bar's hover says its label's AUROC; a greyed
+    (out-of-distribution) chart names none, and no AUROCs means no footnote."""
+    from app.zeroshot_panel import weak_labels_footnote
+
+    auroc = {"Lung nodule": 0.757, "Lymphadenopathy": 0.7255, "Emphysema": 0.80, "Cardiomegaly": 0.95}
+    expected = "Read with care (held-out AUROC): Lymphadenopathy 0.73, Lung nodule 0.76"
+    assert weak_labels_footnote(auroc) == expected
+    assert weak_labels_footnote({"Emphysema": 0.80}) is None and weak_labels_footnote(None) is None
+    assert weak_labels_footnote({"A": 0.5, "B": 0.6, "C": 0.7, "D": 0.71}) == \
+        "Read with care (held-out AUROC): A 0.50, B 0.60, C 0.70,<br>D 0.71"
+    probs = {label: 0.5 for label in LABELS}
+    plain, fig = zero_shot_figure(probs), zero_shot_figure(probs, auroc=auroc)
+    assert [a.text for a in fig.layout.annotations if a.name == "weak labels"] == [expected]
+    assert not [a for a in plain.layout.annotations if a.name == "weak labels"]
+    assert fig.layout.margin.b - plain.layout.margin.b == fig.layout.height - plain.layout.height == 28
+    hover = dict(zip(fig.data[0].y, fig.data[0].customdata))
+    assert hover["Lymphadenopathy"] == "; held-out AUROC 0.73" and hover["Cardiomegaly"] == "; held-out AUROC 0.95"
+    assert hover["Atelectasis"] == ""                             # no figure for it: nothing claimed
+    assert "%{customdata}" in fig.data[0].hovertemplate
+    greyed = zero_shot_figure(probs, auroc=auroc, out_of_distribution=True)
+    assert not [a for a in greyed.layout.annotations if a.name == "weak labels"]
+
+
+def test_a_phantoms_bars_name_the_labels_the_shipped_checkpoint_reads_least_reliably():
+    """The Library / Open / Find panels read the checkpoint's own metrics.json: the footnote under the bars is the one
+    its held-out figures give (read here from the file itself, not through the pipeline)."""
+    import json
+
+    from app.zeroshot_panel import weak_labels_footnote
+    from engine.phantom import make_study
+    from engine.settings import ctclip_dir
+
+    models = CTClipModels(preset="demo")
+    if models.unavailable():
+        import pytest
+        pytest.skip(models.unavailable())
+    per_label = json.loads((ctclip_dir() / "metrics.json").read_text())["zero_shot"]["per_label"]
+    auroc = {label: per_label[label]["auroc"] for label in LABELS}
+    _, plot = read_findings(models, make_study(2_900_101).volume)
+    assert plot.visible is True and plot.value["type"] == "plotly"
+    layout = json.loads(plot.value["plot"])["layout"]               # the figure as Gradio sends it to the page
+    notes = [a["text"] for a in layout.get("annotations", []) if a.get("name") == "weak labels"]
+    expected = weak_labels_footnote(auroc)
+    assert notes == ([expected] if expected else []), notes
 
 
 def test_results_table_and_report_of_demo_studies():

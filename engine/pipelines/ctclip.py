@@ -156,20 +156,31 @@ class CTClipPipeline:
             probabilities = reader.probabilities(features)[0]
         return {label: float(p) for label, p in zip(LABELS, probabilities)}
 
-    @cached_property
-    def zero_shot_thresholds(self) -> dict[str, float]:
-        """Per-label decision thresholds on P(present), chosen on the held-out test split by CT-CLIP's rule (the
-        ROC point closest to the top-left corner), from the checkpoint's metrics.json; {} when it has none.
-        P(present) is a softmax over two prompts, so 0.5 is not the line between present and absent."""
+    def _held_out_zero_shot(self, field: str) -> dict[str, float]:
+        """label -> `field` of the zero-shot evaluation's per-label figures in the checkpoint's metrics.json
+        (training/eval_ctclip.py wrote them on the held-out test split); {} when the folder has none."""
         path = self.directory / "metrics.json" if self.directory else None
         if path is None or not path.is_file():
             return {}
         try:
             per_label = json.loads(path.read_text())["zero_shot"]["per_label"]
-            return {label: float(per_label[label]["threshold"]) for label in LABELS
-                    if per_label.get(label, {}).get("threshold") is not None}
+            return {label: float(per_label[label][field]) for label in LABELS
+                    if per_label.get(label, {}).get(field) is not None}
         except (ValueError, KeyError, TypeError):
             return {}
+
+    @cached_property
+    def zero_shot_thresholds(self) -> dict[str, float]:
+        """Per-label decision thresholds on P(present), chosen on the held-out test split by CT-CLIP's rule (the
+        ROC point closest to the top-left corner), from the checkpoint's metrics.json; {} when it has none.
+        P(present) is a softmax over two prompts, so 0.5 is not the line between present and absent."""
+        return self._held_out_zero_shot("threshold")
+
+    @cached_property
+    def zero_shot_auroc(self) -> dict[str, float]:
+        """Per-label zero-shot AUROC on the held-out test split (how far each label's bar can be trusted: 0.5 is
+        chance, 1 a perfect ranking), from the checkpoint's metrics.json; {} when it has none."""
+        return self._held_out_zero_shot("auroc")
 
     @cached_property
     def latent_statistics(self):
