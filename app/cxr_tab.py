@@ -97,7 +97,8 @@ def read_film(cxr: CXRModels, ctclip: CTClipModels, film, k):
     note = (f"The 18 findings read from the {film.source or 'radiograph'} and the **{len(found)}** CT studies closest "
             f"to it; click a study to open it below.")
     table = results_table(found, ctclip.library())
-    return note, gr.Plot(value=zero_shot_figure(probabilities), visible=True), table, found, top
+    figure = zero_shot_figure(probabilities, auroc=pipeline.zero_shot_auroc)
+    return note, gr.Plot(value=figure, visible=True), table, found, top
 
 
 def show_map(cxr: CXRModels, film, label):

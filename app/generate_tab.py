@@ -87,7 +87,8 @@ def generate(models, text, steps, guidance, seed, request: gr.Request, progress=
               f"{timings['sampling']:.1f} s, decoding {timings['decoding']:.1f} s.")
     calibrated = pipeline.reader is not None and pipeline.reader.text_reader is not None
     asked = zero_shot_figure(reading["asked"], title=text_reading_title(calibrated)) if reading.get("asked") else None
-    found = zero_shot_figure(reading["findings"]) if reading.get("findings") else None
+    found = (zero_shot_figure(reading["findings"], auroc=pipeline.reader.zero_shot_auroc)
+             if reading.get("findings") else None)
     last = LastRequest(text, result.steps, result.guidance, seed, result)
     return result.volume, str(out), gr.Markdown(status), asked, found, last
 

@@ -6,6 +6,7 @@ shows without | with | |difference| over with, all labelled synthetic, with the 
 builds with the tab and says how to train a missing generator."""
 from __future__ import annotations
 
+import json
 import threading
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ import torch
 from app.generate_tab import NO_LAST_PROMPT, _event_for, generate, toggle
 from app.models import CTClipModels, GeneratorModels
 from app.viewer import refresh_comparison, render_comparison
+from engine.labels import LABELS
 from engine.models.vae import CTAutoencoder
 from engine.pipelines.generate import read_nifti_description
 from engine.report_edit import present_findings
@@ -42,6 +44,9 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("app_gen")
     CTCLIP.build(tiny_ctclip_config()).save_pretrained(root / "ctclip")
+    # the CT CLIP folder's held-out figures (hand-set): the generated volume's bars name its one weak label
+    per_label = {label: {"auroc": 0.61 if label == "Atelectasis" else 0.95} for label in LABELS}
+    (root / "ctclip" / "metrics.json").write_text(json.dumps({"zero_shot": {"per_label": per_label}}))
     CTAutoencoder(tiny_vae_config()).save_pretrained(root / "generator" / "vae")
     tiny_unet().save_pretrained(root / "generator" / "unet")  # a context that matters: prompts differ
     with pytest.MonkeyPatch.context() as patch:
@@ -59,6 +64,9 @@ def test_generation_fills_viewer_download_and_both_readings(models):
     assert volume.array.shape == TINY_SHAPE and "SYNTHETIC" in volume.source
     assert "SYNTHETIC" in read_nifti_description(path)
     assert asked is not None and found is not None and "seed 3" in status.value
+    assert [a.text for a in found.layout.annotations if a.name == "weak labels"] == \
+        ["Read with care (held-out AUROC): Atelectasis 0.61"]
+    assert not [a for a in asked.layout.annotations if a.name == "weak labels"]   # a text's reading: not the CT's
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert (last.text, last.steps, last.guidance, last.seed) == (REPORT, 2, 5.0, 3)
     assert last.generation.volume is volume

@@ -5,6 +5,7 @@ the training command). The encoder is random-weight (behaviour, not scores) over
 tests/tiny_models.py, so the file runs in seconds whatever is shipped in assets/."""
 from __future__ import annotations
 
+import json
 import math
 
 import gradio as gr
@@ -82,12 +83,17 @@ def test_upload_reads_findings_similar_studies_and_the_map(pipelines, monkeypatc
     monkeypatch.setenv("CT_CTCLIP_DIR", str(folder / "ctclip"))
     monkeypatch.setenv("CT_LIBRARY_EMBEDDINGS", str(folder / "library.safetensors"))
     monkeypatch.setenv("CT_WORKSTATION_LIBRARY", str(folder / "user_library"))
+    # the encoder folder's held-out figures (hand-set here): the bars name its one weak label under the chart
+    per_label = {label: {"auroc": 0.57 if label == "Lung nodule" else 0.9} for label in LABELS}
+    (folder / "x2ct" / "metrics.json").write_text(json.dumps({"zero_shot": {"per_label": per_label}}))
     ctclip = CTClipModels()
     cxr = CXRModels(ctclip, weights=str(folder / "x2ct"))
     film, image, note = cxr_tab.load_film(str(CXR_PNG))
     assert image.shape == film.image.shape and image.dtype == np.uint8 and "00000001_000.png" in note
     note, plot, table, found, top = cxr_tab.read_film(cxr, ctclip, film, 5)
     assert plot.visible and top in LABELS and list(table.columns)[:2] == ["Rank", "Study"]
+    notes = [a["text"] for a in json.loads(plot.value["plot"])["layout"]["annotations"] if a.get("name") == "weak labels"]
+    assert notes == ["Read with care (held-out AUROC): Lung nodule 0.57"]
     assert len(found) == len(table) == LIBRARY_STUDIES and [r["score"] for r in found] == sorted(
         (r["score"] for r in found), reverse=True)
     probabilities = pipeline.ctclip.zero_shot_from_latent(pipeline.embed_radiograph(film))

@@ -11,8 +11,10 @@ three keyword arguments, the same in every pipeline:
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,6 +25,23 @@ CancelSignal = threading.Event | Callable[[], bool]
 
 class Cancelled(Exception):
     """A pipeline call stopped because its caller asked it to (the `cancel` event was set)."""
+
+
+def held_out_zero_shot(directory: Path | None, field: str) -> dict[str, float]:
+    """label -> `field` ("auroc", "threshold", ...) of the zero-shot figures that the training package's evaluation
+    wrote on the held-out test split into a checkpoint folder's metrics.json (its "zero_shot" -> "per_label"); {} when
+    the folder has none or the file is not of that form. Labels without that figure are left out."""
+    from engine.labels import LABELS
+
+    path = Path(directory) / "metrics.json" if directory else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        per_label = json.loads(path.read_text())["zero_shot"]["per_label"]
+        return {label: float(per_label[label][field]) for label in LABELS
+                if per_label.get(label, {}).get(field) is not None}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def make_generator(seed: int | torch.Generator | None, device: str | torch.device = "cpu") -> torch.Generator:

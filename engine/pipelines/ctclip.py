@@ -15,7 +15,6 @@ Retrieval over the studies lives in engine/study_library.py.
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from engine.errors import UserError
 from engine.labels import LABELS
-from engine.pipelines.base import CancelSignal, ProgressCallback, RunControl
+from engine.pipelines.base import CancelSignal, ProgressCallback, RunControl, held_out_zero_shot
 from engine.query import check_query_text
 from engine.transforms import Preprocessing, prepare
 from engine.volume import Volume
@@ -156,31 +155,18 @@ class CTClipPipeline:
             probabilities = reader.probabilities(features)[0]
         return {label: float(p) for label, p in zip(LABELS, probabilities)}
 
-    def _held_out_zero_shot(self, field: str) -> dict[str, float]:
-        """label -> `field` of the zero-shot evaluation's per-label figures in the checkpoint's metrics.json
-        (training/eval_ctclip.py wrote them on the held-out test split); {} when the folder has none."""
-        path = self.directory / "metrics.json" if self.directory else None
-        if path is None or not path.is_file():
-            return {}
-        try:
-            per_label = json.loads(path.read_text())["zero_shot"]["per_label"]
-            return {label: float(per_label[label][field]) for label in LABELS
-                    if per_label.get(label, {}).get(field) is not None}
-        except (ValueError, KeyError, TypeError):
-            return {}
-
     @cached_property
     def zero_shot_thresholds(self) -> dict[str, float]:
         """Per-label decision thresholds on P(present), chosen on the held-out test split by CT-CLIP's rule (the
         ROC point closest to the top-left corner), from the checkpoint's metrics.json; {} when it has none.
         P(present) is a softmax over two prompts, so 0.5 is not the line between present and absent."""
-        return self._held_out_zero_shot("threshold")
+        return held_out_zero_shot(self.directory, "threshold")
 
     @cached_property
     def zero_shot_auroc(self) -> dict[str, float]:
         """Per-label zero-shot AUROC on the held-out test split (how far each label's bar can be trusted: 0.5 is
         chance, 1 a perfect ranking), from the checkpoint's metrics.json; {} when it has none."""
-        return self._held_out_zero_shot("auroc")
+        return held_out_zero_shot(self.directory, "auroc")
 
     @cached_property
     def latent_statistics(self):

@@ -15,6 +15,7 @@ Deterministic (no seed); progress and cancel as engine/pipelines/base.py.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from engine.errors import UserError
 from engine.labels import LABELS
-from engine.pipelines.base import CancelSignal, ProgressCallback, RunControl
+from engine.pipelines.base import CancelSignal, ProgressCallback, RunControl, held_out_zero_shot
 from engine.radiograph import Radiograph
 
 TRAIN_HINT = "train one with 'python -m training x2ct --preset demo' and copy runs/x2ct-demo/model to assets/x2ct"
@@ -50,6 +51,12 @@ class CXRPipeline:
         directory = cxr_model_dir(directory)
         encoder = CXREncoder.from_pretrained(directory)
         return cls(encoder, ctclip or CTClipPipeline.from_pretrained(), directory)
+
+    @cached_property
+    def zero_shot_auroc(self) -> dict[str, float]:
+        """Per-label AUROC of the findings read from radiographs on the held-out test split (DRRs of unseen phantoms;
+        training/eval_x2ct.py), from the encoder folder's metrics.json; {} when it has none."""
+        return held_out_zero_shot(self.directory, "auroc")
 
     def prepare(self, radiograph: Radiograph) -> torch.Tensor:
         """(1, 1, S, S) encoder input."""
