@@ -101,7 +101,7 @@ def zero_shot_figure(probabilities: dict[str, float], truth: dict[str, int] | No
             x=[thresholds[label] for label in marked], y=marked, mode="markers", name="decision threshold",
             marker=dict(symbol="line-ns", size=16, line=dict(width=3, color="#111827")),
             hovertemplate="%{y}: present above %{x:.3f} (threshold from the held-out test)<extra></extra>"))
-    footnote_room = 28 + 16 * footnote.count("<br>") if footnote else 0     # px under the x axis's tick labels
+    footnote_room = 32 + 16 * footnote.count("<br>") if footnote else 0     # px under the x axis's tick labels
     fig.update_layout(
         height=110 + 20 * len(labels) + footnote_room,
         # top margin: the title, its subtitle, and the legend's row under them

@@ -67,7 +67,7 @@ def test_the_labels_read_least_reliably_are_named_under_the_bars():
     plain, fig = zero_shot_figure(probs), zero_shot_figure(probs, auroc=auroc)
     assert [a.text for a in fig.layout.annotations if a.name == "weak labels"] == [expected]
     assert not [a for a in plain.layout.annotations if a.name == "weak labels"]
-    assert fig.layout.margin.b - plain.layout.margin.b == fig.layout.height - plain.layout.height == 28
+    assert fig.layout.margin.b - plain.layout.margin.b == fig.layout.height - plain.layout.height == 32
     hover = dict(zip(fig.data[0].y, fig.data[0].customdata))
     assert hover["Lymphadenopathy"] == "; held-out AUROC 0.73" and hover["Cardiomegaly"] == "; held-out AUROC 0.95"
     assert hover["Atelectasis"] == ""                             # no figure for it: nothing claimed
