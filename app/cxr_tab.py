@@ -20,7 +20,7 @@ from app.find_tab import (COLUMNS, display_heat, open_clicked_results, results_t
                           show_model_status)
 from app.models import CTClipModels, CXRModels
 from app.viewer import ct_viewer
-from app.zeroshot_panel import zero_shot_figure
+from app.zeroshot_panel import RADIOGRAPH_READING_TITLE, zero_shot_figure
 from engine.errors import UserError
 from engine.labels import LABELS
 
@@ -97,7 +97,7 @@ def read_film(cxr: CXRModels, ctclip: CTClipModels, film, k):
     note = (f"The 18 findings read from the {film.source or 'radiograph'} and the **{len(found)}** CT studies closest "
             f"to it; click a study to open it below.")
     table = results_table(found, ctclip.library())
-    figure = zero_shot_figure(probabilities, auroc=pipeline.zero_shot_auroc)
+    figure = zero_shot_figure(probabilities, title=RADIOGRAPH_READING_TITLE, auroc=pipeline.zero_shot_auroc)
     return note, gr.Plot(value=figure, visible=True), table, found, top
 
 

@@ -35,6 +35,7 @@ OUT_OF_DISTRIBUTION = ("This scan does not look like the phantoms the demo model
 # --------------------------------------------------------------------------------------------------- the chart
 
 ZERO_SHOT_TITLE = "CT CLIP zero-shot reading: P(present) per label"
+RADIOGRAPH_READING_TITLE = "CT findings read from the radiograph: P(present) per label"
 TEXT_READING_TITLE = "What the text states: P(stated) per label, read from its latent"
 SPEECH_READING_TITLE = "What the dictation states: P(stated) per label"
 SPEECH_READING_SUBTITLE = "read from the speech itself, not from a transcript"

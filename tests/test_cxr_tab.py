@@ -92,7 +92,9 @@ def test_upload_reads_findings_similar_studies_and_the_map(pipelines, monkeypatc
     assert image.shape == film.image.shape and image.dtype == np.uint8 and "00000001_000.png" in note
     note, plot, table, found, top = cxr_tab.read_film(cxr, ctclip, film, 5)
     assert plot.visible and top in LABELS and list(table.columns)[:2] == ["Rank", "Study"]
-    notes = [a["text"] for a in json.loads(plot.value["plot"])["layout"]["annotations"] if a.get("name") == "weak labels"]
+    layout = json.loads(plot.value["plot"])["layout"]
+    assert layout["title"]["text"] == cxr_tab.RADIOGRAPH_READING_TITLE    # not "CT CLIP reading": it is the film's
+    notes = [a["text"] for a in layout["annotations"] if a.get("name") == "weak labels"]
     assert notes == ["Read with care (held-out AUROC): Lung nodule 0.57"]
     assert len(found) == len(table) == LIBRARY_STUDIES and [r["score"] for r in found] == sorted(
         (r["score"] for r in found), reverse=True)
