@@ -204,6 +204,41 @@ async def _not_found(send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def save_pil_to_cache_atomically(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio.processing_utils.save_pil_to_cache without its race: the same content-addressed path, but an image
+    already cached is never rewritten (only touched, so the cache sweep ages it from its last use, as Gradio's own
+    save_file_to_cache does), and a new one is written under a temporary name and renamed into place.
+
+    Why by hand: Gradio 6.31 rewrites the cached file in place (write_bytes truncates it) whenever the same picture is
+    produced again, e.g. a CT plane or a film shown twice; a browser still downloading the first copy then gets fewer
+    bytes than the Content-Length it was promised, and the server logs h11's "Too little data for declared
+    Content-Length" (or "Too much data" when the file grows back under it)."""
+    from gradio import processing_utils
+
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    target = (folder / f"{name}.{format}").resolve()
+    try:
+        if target.stat().st_size == len(data):     # same hash and size: the same bytes, possibly being served now
+            os.utime(target)
+            return str(target)
+    except OSError:
+        pass                                       # not cached yet (or swept meanwhile): write it
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)                    # atomic: a reader has the old file or the new one, whole
+    return str(target)
+
+
+def install_atomic_image_cache() -> None:
+    """Route Gradio's image caching (Image, Gallery, AnnotatedImage: all call processing_utils.save_pil_to_cache,
+    numpy arrays through save_img_array_to_cache) through save_pil_to_cache_atomically. Idempotent."""
+    from gradio import processing_utils
+
+    processing_utils.save_pil_to_cache = save_pil_to_cache_atomically
+
+
 def private_files_app_kwargs() -> dict:
     """Gradio's `app_kwargs` that install PrivateFiles inside its own middleware (it sees uncompressed bodies)."""
     from starlette.middleware import Middleware

@@ -13,7 +13,7 @@ from app.generate_tab import generate_tab
 from app.library_tab import library_tab
 from app.open_tab import open_tab
 from app.models import CTClipModels, CXRModels, GeneratorModels, SpeechModels
-from app.server import ServerLimits
+from app.server import ServerLimits, install_atomic_image_cache
 from app.viewer import follow_open_study
 
 
@@ -59,6 +59,7 @@ def load_library(config: AppConfig):
 def build_app(config: AppConfig | None = None) -> gr.Blocks:
     config = config or AppConfig()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    install_atomic_image_cache()    # pictures shown twice must not be rewritten while a browser downloads them
     library = load_library(config)
     models = CTClipModels(preset=config.preset, weights=config.weights)  # one CT CLIP per process, for every tab
     if config.preload:
