@@ -139,8 +139,9 @@ def cmd_zeroshot(args) -> dict:
     findings, check = pipeline.zero_shot_checked(volume)
     # in_distribution / ood_score: engine/ood.py (ood_score = Mahalanobis distance / calibrated threshold; null when
     # the checkpoint has no latent statistics); a flagged scan's answer says so in one more warning
-    return {"findings": findings, **check.to_json(), "model_id": pipeline.model_id,
-            "warnings": volume.warnings + ([check.warning] if check.flagged else []),
+    # held_out_auroc: how well each label was read on the checkpoint's held-out test ({} when it has no metrics.json)
+    return {"findings": findings, **check.to_json(), "held_out_auroc": pipeline.zero_shot_auroc,
+            "model_id": pipeline.model_id, "warnings": volume.warnings + ([check.warning] if check.flagged else []),
             "elapsed_s": round(time.perf_counter() - started, 4)}
 
 
@@ -286,6 +287,7 @@ def cmd_findings(args) -> dict:
     latent = pipeline.embed_radiograph(radiograph)
     similar = _library(args, ctclip).search(latent, k=args.k)
     return {"findings": ctclip.zero_shot_from_latent(latent), "similar": [r.to_json() for r in similar],
+            "held_out_auroc": pipeline.zero_shot_auroc,     # the X-ray encoder's own held-out figures
             "model_id": ctclip.model_id, "warnings": radiograph.warnings,
             "elapsed_s": round(time.perf_counter() - started, 4)}
 

@@ -106,6 +106,11 @@ def test_zeroshot_reads_all_18_labels(lung1_path):
     assert code == 0, out
     assert list(out["findings"]) == list(LABELS)
     assert all(0.0 <= p <= 1.0 for p in out["findings"].values())
+    # how far each bar can be trusted: the checkpoint's own held-out AUROCs (its metrics.json, read here directly)
+    from engine.settings import ctclip_dir
+    metrics = ctclip_dir() / "metrics.json"
+    per_label = json.loads(metrics.read_text())["zero_shot"]["per_label"] if metrics.is_file() else {}
+    assert out["held_out_auroc"] == {label: per_label[label]["auroc"] for label in LABELS if label in per_label}
 
 
 def test_index_is_idempotent_and_indexed_ct_is_found(tmp_path, shared_data):

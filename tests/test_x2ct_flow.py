@@ -73,6 +73,9 @@ def test_findings_on_real_radiographs_and_a_drr(run, tmp_path):
     answer = json.loads(done.stdout)
     assert len(answer["findings"]) == 18 and all(0.0 <= p <= 1.0 for p in answer["findings"].values())
     assert len(answer["similar"]) == 3 and answer["similar"][0]["score"] >= answer["similar"][-1]["score"]
+    metrics = out / "run" / "model" / "metrics.json"   # the encoder's own figures (written by the evaluation test)
+    per_label = json.loads(metrics.read_text())["zero_shot"]["per_label"] if metrics.is_file() else {}
+    assert answer["held_out_auroc"] == {k: v["auroc"] for k, v in per_label.items() if v.get("auroc") is not None}
     pipeline = CXRPipeline.from_pretrained(out / "run" / "model", ctclip=CTClipPipeline.from_pretrained())
     films = [read_radiograph(CXR_DIR / "siim_pa_chest.dcm"), simulate_radiograph(make_study(7).volume)]
     for film in films:
