@@ -41,19 +41,20 @@ SPEECH_READING_TITLE = "What the dictation states: P(stated) per label"
 SPEECH_READING_SUBTITLE = "read from the speech itself, not from a transcript"
 UNCALIBRATED_TEXT_TITLE = "Zero-shot rule on a text latent (uncalibrated: most labels read high)"
 WEAK_AUROC = 0.80             # a label whose held-out AUROC is below this is named under the chart
-FOOTNOTE_LABELS_PER_LINE = 3  # the footnote's labels per line, so it stays inside a narrow chart
+FOOTNOTE_LABELS_PER_LINE = 2  # the footnote's labels per line, so it stays inside a narrow chart (Find CTs' column)
 
 
 def weak_labels_footnote(auroc: dict[str, float] | None) -> str | None:
     """The chart's footnote naming the labels the checkpoint's held-out test read least reliably (AUROC <
-    WEAK_AUROC), weakest first, e.g. "Read with care (held-out AUROC): Lymphadenopathy 0.73, Lung nodule 0.76";
-    a line break (plotly's <br>) after every FOOTNOTE_LABELS_PER_LINE labels; None when no label is weak."""
+    WEAK_AUROC), weakest first, e.g. "Read with care (held-out AUROC):<br>Lymphadenopathy 0.73, Lung nodule 0.76":
+    the heading on its own line, then FOOTNOTE_LABELS_PER_LINE labels a line (plotly's <br>); None when no label is
+    weak."""
     weak = sorted((a, label) for label, a in (auroc or {}).items() if a < WEAK_AUROC)
     if not weak:
         return None
     named = [f"{label} {a:.2f}" for a, label in weak]
     lines = [", ".join(named[i:i + FOOTNOTE_LABELS_PER_LINE]) for i in range(0, len(named), FOOTNOTE_LABELS_PER_LINE)]
-    return "Read with care (held-out AUROC): " + ",<br>".join(lines)
+    return "Read with care (held-out AUROC):<br>" + ",<br>".join(lines)
 
 
 def text_reading_title(calibrated: bool, spoken: bool = False) -> str:

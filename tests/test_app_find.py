@@ -52,22 +52,23 @@ def test_pipeline_reads_the_thresholds_and_aurocs_of_its_checkpoint(tmp_path):
 
 def test_the_labels_read_least_reliably_are_named_under_the_bars():
     """Hand-worked: of AUROCs 0.7255, 0.757, 0.80 and 0.95, the two under 0.80 are named, weakest first, rounded to two
-    places; 0.80 itself is not weak. Four weak labels take two lines (three a line). The footnote gets its own room
-    under the bars (the bars keep their height); each bar's hover says its label's AUROC; a greyed
+    places; 0.80 itself is not weak. The heading has its own line, then two labels a line (three weak labels take two
+    lines). The footnote gets its own room under the bars (the bars keep their height: 32 px for the first line, 16 px
+    a line more); each bar's hover says its label's AUROC; a greyed
     (out-of-distribution) chart names none, and no AUROCs means no footnote."""
     from app.zeroshot_panel import weak_labels_footnote
 
     auroc = {"Lung nodule": 0.757, "Lymphadenopathy": 0.7255, "Emphysema": 0.80, "Cardiomegaly": 0.95}
-    expected = "Read with care (held-out AUROC): Lymphadenopathy 0.73, Lung nodule 0.76"
+    expected = "Read with care (held-out AUROC):<br>Lymphadenopathy 0.73, Lung nodule 0.76"
     assert weak_labels_footnote(auroc) == expected
     assert weak_labels_footnote({"Emphysema": 0.80}) is None and weak_labels_footnote(None) is None
-    assert weak_labels_footnote({"A": 0.5, "B": 0.6, "C": 0.7, "D": 0.71}) == \
-        "Read with care (held-out AUROC): A 0.50, B 0.60, C 0.70,<br>D 0.71"
+    assert weak_labels_footnote({"A": 0.5, "B": 0.6, "C": 0.7}) == \
+        "Read with care (held-out AUROC):<br>A 0.50, B 0.60,<br>C 0.70"
     probs = {label: 0.5 for label in LABELS}
     plain, fig = zero_shot_figure(probs), zero_shot_figure(probs, auroc=auroc)
     assert [a.text for a in fig.layout.annotations if a.name == "weak labels"] == [expected]
     assert not [a for a in plain.layout.annotations if a.name == "weak labels"]
-    assert fig.layout.margin.b - plain.layout.margin.b == fig.layout.height - plain.layout.height == 32
+    assert fig.layout.margin.b - plain.layout.margin.b == fig.layout.height - plain.layout.height == 32 + 16
     hover = dict(zip(fig.data[0].y, fig.data[0].customdata))
     assert hover["Lymphadenopathy"] == "; held-out AUROC 0.73" and hover["Cardiomegaly"] == "; held-out AUROC 0.95"
     assert hover["Atelectasis"] == ""                             # no figure for it: nothing claimed

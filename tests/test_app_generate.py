@@ -65,7 +65,7 @@ def test_generation_fills_viewer_download_and_both_readings(models):
     assert "SYNTHETIC" in read_nifti_description(path)
     assert asked is not None and found is not None and "seed 3" in status.value
     assert [a.text for a in found.layout.annotations if a.name == "weak labels"] == \
-        ["Read with care (held-out AUROC): Atelectasis 0.61"]
+        ["Read with care (held-out AUROC):<br>Atelectasis 0.61"]
     assert not [a for a in asked.layout.annotations if a.name == "weak labels"]   # a text's reading: not the CT's
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert (last.text, last.steps, last.guidance, last.seed) == (REPORT, 2, 5.0, 3)

@@ -95,7 +95,7 @@ def test_upload_reads_findings_similar_studies_and_the_map(pipelines, monkeypatc
     layout = json.loads(plot.value["plot"])["layout"]
     assert layout["title"]["text"] == cxr_tab.RADIOGRAPH_READING_TITLE    # not "CT CLIP reading": it is the film's
     notes = [a["text"] for a in layout["annotations"] if a.get("name") == "weak labels"]
-    assert notes == ["Read with care (held-out AUROC): Lung nodule 0.57"]
+    assert notes == ["Read with care (held-out AUROC):<br>Lung nodule 0.57"]
     assert len(found) == len(table) == LIBRARY_STUDIES and [r["score"] for r in found] == sorted(
         (r["score"] for r in found), reverse=True)
     probabilities = pipeline.ctclip.zero_shot_from_latent(pipeline.embed_radiograph(film))
